@@ -1,0 +1,31 @@
+"""224x224 backbones (Sec. 4.2): ResNet-10 and ResNeXt-50 (ImageNet-LT), ResNet-50 (iNaturalist 2018).
+
+Built from torchvision's ResNet (its BasicBlock/Bottleneck blocks and init), trained from scratch; its
+avgpool and fc are dropped because MBIBNet adds its own GAP and heads. Default taps v1, v2, v3 = GAP of
+layer2, layer3, layer4 (the last three stages); see mbib.models.backbone for other tap counts.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from mbib.models.backbone import StagedBackbone
+
+STAGE_PLANES = (64, 128, 256, 512)
+
+# name -> (block, blocks per stage, ResNet kwargs)
+SPECS: dict[str, tuple[type[nn.Module], list[int], dict]] = {
+    "resnet10": (BasicBlock, [1, 1, 1, 1], {}),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], {}),
+    "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}),
+}
+
+
+def imagenet_backbone(name: str, num_taps: int = 3, input_tap: bool = False) -> StagedBackbone:
+    """The torchvision ResNet `name` as a StagedBackbone (name must be a key of SPECS)."""
+    block, layers, kwargs = SPECS[name]
+    net = ResNet(block, layers, **kwargs)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+    channels = [p * block.expansion for p in STAGE_PLANES]
+    return StagedBackbone(stem, stages, channels, num_taps, input_tap, in_channels=3)
