@@ -1,0 +1,148 @@
+"""`load_dataset`: a named data set, long-tailed, in memory as uint8 tensors [N,3,H,W] ready for batching.
+
+Every source is turned into the same shape: grayscale is repeated to 3 channels and images smaller than
+32x32 are zero-padded (centred) to 32x32, so MNIST (28x28x1) becomes 3x32x32 with a 2-pixel black border.
+The training set is long-tailed with Cao et al.'s profile, max_count = the smallest class's size (500 for
+CIFAR-100, 5,000 for CIFAR-10, 713 for mnist10k); the test set stays complete and balanced.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mbib.data.cifar import CIFAR10, CIFAR100, CifarLayout, download_cifar, has_cifar, read_cifar
+from mbib.data.digits import read_digits
+from mbib.data.longtail import longtail_indices, lt_class_counts
+from mbib.data.npz import read_npz
+from mbib.data.raw import RawData
+from mbib.errors import ConfigError, DataError
+
+ENV_ROOT = "MBIB_DATA_ROOT"
+DEFAULT_CIFAR_ROOT = Path("~/.cache/mbib/data")  # where CIFAR is looked for / downloaded without a data root
+MIN_SIZE = 32
+# Cao et al. normalise CIFAR-10 and CIFAR-100 alike with these constants (the paper follows their processing).
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+NAMES = ("cifar100-lt", "cifar10-lt", "mnist-lt", "digits-lt", "npz:PATH")
+
+
+@dataclass
+class ImageData:
+    """A long-tailed training set and a balanced test set, uint8 [N,C,H,W] and int64 labels."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    class_counts: list[int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path | None:
+    """The data root: the argument, else $MBIB_DATA_ROOT, else None."""
+    root = data_root if data_root not in (None, "") else os.environ.get(ENV_ROOT) or None
+    return Path(root).expanduser() if root is not None else None
+
+
+def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalance_factor: float = 100,
+                 seed: int = 0, download: bool = True) -> ImageData:
+    """Load `name` ("cifar100-lt", "cifar10-lt", "mnist-lt", "digits-lt" or "npz:PATH") long-tailed by IF."""
+    if imbalance_factor < 1:
+        raise ConfigError(f"imbalance factor must be >= 1 (N_max/N_min), got {imbalance_factor}")
+    key = name.strip().lower()
+    root = resolve_data_root(data_root)
+    stats = None
+    if key.startswith("npz:"):
+        raw = read_npz(Path(name.strip()[4:]).expanduser())
+    elif key in ("cifar100-lt", "cifar10-lt"):
+        raw = _load_cifar(CIFAR100 if key == "cifar100-lt" else CIFAR10, root, download)
+        stats = (CIFAR_MEAN, CIFAR_STD)
+    elif key == "mnist-lt":
+        raw = _load_mnist(root)
+    elif key == "digits-lt":
+        raw = read_digits()
+    else:
+        raise ConfigError(f"unknown data set '{name}': choose one of {', '.join(NAMES)}")
+    return build_longtail(raw, name.strip() if key.startswith("npz:") else key, imbalance_factor, seed, stats)
+
+
+def build_longtail(raw: RawData, name: str, imbalance_factor: float, seed: int,
+                   stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> ImageData:
+    """Long-tail raw's training set (deterministic for a seed) and convert both splits to [N,3,H>=32,W>=32]."""
+    sizes = np.bincount(raw.y_train, minlength=len(raw.classes))
+    if sizes.min() == 0:
+        raise DataError(f"data set '{name}' has no training images for class {int(np.argmin(sizes))}: "
+                        "every class needs at least one")
+    counts = lt_class_counts(len(raw.classes), int(sizes.min()), imbalance_factor)
+    keep = longtail_indices(raw.y_train, counts, seed)
+    x_train = to_model_layout(raw.x_train[keep])
+    mean, std = stats if stats is not None else channel_stats(x_train)
+    return ImageData(name=name, x_train=x_train, y_train=torch.from_numpy(raw.y_train[keep].copy()),
+                     x_test=to_model_layout(raw.x_test), y_test=torch.from_numpy(raw.y_test.copy()),
+                     classes=list(raw.classes), class_counts=counts, mean=tuple(mean), std=tuple(std))
+
+
+def to_model_layout(x_nhwc: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W,C] -> contiguous uint8 [N,3,H',W']: gray repeated to RGB, zero-padded to at least 32x32."""
+    x = torch.from_numpy(np.ascontiguousarray(x_nhwc)).permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    pad_h, pad_w = max(0, MIN_SIZE - x.shape[2]), max(0, MIN_SIZE - x.shape[3])
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return x.contiguous()
+
+
+def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images [N,C,H,W] in [0,1] units, chunked."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk].to(torch.float64).div_(255.0)
+        total += part.sum(dim=(0, 2, 3))
+        squares += part.square().sum(dim=(0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _load_cifar(layout: CifarLayout, root: Path | None, download: bool) -> RawData:
+    where = root if root is not None else DEFAULT_CIFAR_ROOT.expanduser()
+    npz = where / f"cifar{layout.num_classes}.npz"
+    if not has_cifar(where, layout) and npz.is_file():
+        raw = read_npz(npz)
+        if len(raw.classes) != layout.num_classes:
+            raise DataError(f"{npz} holds {len(raw.classes)} classes, not {layout.num_classes}: "
+                            f"put {layout.title} there")
+        return raw
+    if not has_cifar(where, layout):
+        if not download:
+            raise DataError(f"{layout.title} not found under {where}: put torchvision's {layout.folder}/ or a "
+                            f"{npz.name} there, or pass --data-root / set {ENV_ROOT}")
+        download_cifar(where, layout)
+    return read_cifar(where, layout)
+
+
+def _load_mnist(root: Path | None) -> RawData:
+    if root is None:
+        raise DataError(f"mnist-lt needs mnist10k.npz but no data root is set: pass --data-root DIR or set "
+                        f"{ENV_ROOT}=DIR (the folder holding mnist10k.npz)")
+    path = root / "mnist10k.npz"
+    if not path.is_file():
+        raise DataError(f"mnist10k.npz not found under {root}: put it there, or pass --data-root / set {ENV_ROOT} "
+                        "to the folder holding it")
+    return read_npz(path)
