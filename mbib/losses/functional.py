@@ -253,7 +253,8 @@ def mbib_loss_terms(
     check_choice("weighted_mean", weighted_mean, WEIGHTED_MEANS)
     taps = tap_keys(outputs)
     if not taps or "z" not in outputs:
-        raise ConfigError(f"MBIB needs logits 'v1'..'vn' and 'z', got {sorted(outputs)}; build the model with head='mbib'")
+        raise ConfigError(f"MBIB needs logits 'v1'..'vn' and 'z', got {sorted(outputs)}; "
+                          "build the model with head='mbib'")
     consts = class_constants(class_counts, m, gamma, logit_adjust).to(outputs["z"])
     return mixture_terms(outputs, labels, consts, bib_pairs(taps, a, b, wiring), beta, weighted_mean)
 
