@@ -1,0 +1,213 @@
+"""Typed run configuration with the paper's presets (Section 4.2); every field can be overridden by dotted key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from mbib.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar100-lt"  # cifar100-lt, cifar10-lt, mnist-lt, digits-lt, npz:PATH, imagenet-lt, inat2018
+    data_root: str | None = None  # None -> $MBIB_DATA_ROOT
+    imbalance_factor: float = 100.0
+    augment: str = "standard"  # "standard" (crop+flip, the paper's) or "strong" (AutoAugment+Cutout, GML's)
+    limit_train: int | None = None  # keep only the first N long-tailed training images (smoke runs, tests)
+    limit_test: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet32"
+    num_taps: int = 3
+    z_dim: int | None = None  # None -> the architecture's default (see mbib.models)
+
+
+@dataclass
+class LossConfig:
+    method: str = "mbib"
+    beta: float = 5.0  # Appendix J's value; the paper searches {0..5}
+    a: float = 0.1  # Eq. 11, weight of BIB(v1, z)
+    b: float = 0.3  # Eq. 11, weight of BIB(v2, z)
+    m: float = 0.1  # Eq. 7 exponent
+    gamma: float = 0.0  # VSD temperature exponent, T_i = (n_max / n_i)^gamma
+    drw_epoch: int = 160  # LDAM-DRW: epoch at which deferred re-weighting starts
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    batch_size: int = 128  # global batch, split across workers
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    warmup_epochs: float = 5.0
+    schedule: str = "step"  # "step" (Cao et al.) or "cosine" (to 0)
+    milestones: tuple[int, ...] = (160, 180)
+    milestone_factors: tuple[float, ...] = (0.01, 0.0001)  # lr x0.01 at 160 and x0.0001 at 180
+
+
+@dataclass
+class RuntimeConfig:
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None -> use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    amp: bool = True  # only takes effect on CUDA
+    channels_last: bool = True  # only takes effect on CUDA
+    eval_every: int = 5  # evaluate (and checkpoint) every N epochs and at the end
+    max_failures: int = 0
+    storage_path: str | None = None  # None -> ./mbib_runs
+    seed: int = 0
+    show_progress: bool = True
+    inject_failure_epoch: int | None = None  # test hook: crash once after this epoch's checkpoint
+    inject_nan_step: int | None = None  # test hook: make the loss NaN at this global step
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    experiment: str = "mbib"
+    run_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        cfg = cls()
+        return apply_overrides(cfg, flatten(d))
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.to_dict())
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a CLI string (or JSON value) to the field's declared type."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"types": types})  # noqa: S307 - our own annotations
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(v, args[0], key) for v in items if v != "")
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation in (int, float, str):
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return annotation(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad value {value!r} for {key}: expected {getattr(annotation, '__name__', annotation)}") from None
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Return a copy of cfg with dotted keys ("optim.lr", "loss.beta", "experiment") replaced, type-checked."""
+    cfg = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
+                                      for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))})
+    for key, value in overrides.items():
+        obj: Any = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+                raise ConfigError(f"unknown setting {key!r}: see `mbib train --help` for the settings")
+            obj = getattr(obj, part)
+        hints = typing.get_type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+        if parts[-1] not in hints:
+            raise ConfigError(f"unknown setting {key!r}: see `mbib train --help` for the settings")
+        setattr(obj, parts[-1], _coerce(value, hints[parts[-1]], key))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    o, loss, rt = cfg.optim, cfg.loss, cfg.runtime
+    checks = [
+        (o.epochs >= 1, "optim.epochs must be >= 1"),
+        (o.batch_size >= 1, "optim.batch_size must be >= 1"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (o.schedule in ("step", "cosine"), "optim.schedule must be 'step' or 'cosine'"),
+        (len(o.milestones) == len(o.milestone_factors), "optim.milestones and optim.milestone_factors need equal lengths"),
+        (min(loss.beta, loss.a, loss.b, loss.m, loss.gamma) >= 0, "loss.beta, a, b, m and gamma must be >= 0"),
+        (rt.num_workers >= 1, "runtime.num_workers must be >= 1"),
+        (rt.eval_every >= 1, "runtime.eval_every must be >= 1"),
+        (cfg.data.imbalance_factor >= 1, "data.imbalance_factor must be >= 1"),
+        (cfg.data.augment in ("standard", "strong"), "data.augment must be 'standard' or 'strong'"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def _cifar100_lt() -> TrainConfig:
+    return TrainConfig()  # the dataclass defaults are Section 4.2's CIFAR-100-LT settings
+
+
+def _imagenet_lt(arch: str, lr: float, batch: int) -> TrainConfig:
+    return TrainConfig(
+        data=DataConfig(dataset="imagenet-lt", imbalance_factor=1.0),
+        model=ModelConfig(arch=arch),
+        loss=LossConfig(gamma=0.5, drw_epoch=72),
+        optim=OptimConfig(epochs=90, batch_size=batch, lr=lr, weight_decay=5e-4, warmup_epochs=0.0,
+                          schedule="cosine", milestones=(), milestone_factors=()),
+        runtime=RuntimeConfig(eval_every=10),
+    )
+
+
+def _inat2018(epochs: int) -> TrainConfig:
+    return TrainConfig(
+        data=DataConfig(dataset="inat2018", imbalance_factor=1.0),
+        model=ModelConfig(arch="resnet50"),
+        loss=LossConfig(gamma=0.5, drw_epoch=int(epochs * 0.8)),
+        optim=OptimConfig(epochs=epochs, batch_size=64, lr=0.025, weight_decay=1e-4, warmup_epochs=0.0,
+                          schedule="cosine", milestones=(), milestone_factors=()),
+        runtime=RuntimeConfig(eval_every=10),
+    )
+
+
+PRESETS = {
+    "cifar100-lt": _cifar100_lt,
+    "imagenet-lt": lambda: _imagenet_lt("resnet10", 0.05, 128),
+    "imagenet-lt-resnext50": lambda: _imagenet_lt("resnext50_32x4d", 0.025, 64),
+    "inat2018": lambda: _inat2018(90),
+    "inat2018-200ep": lambda: _inat2018(200),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

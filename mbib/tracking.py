@@ -1,0 +1,97 @@
+"""MLflow tracking: a local SQLite store by default, one writer at a time, plots as PNG artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_DB = "mlflow.db"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite file in the working directory (MLflow 3 refuses ./mlruns)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def get_or_create_experiment(client, name: str, artifact_root: str | None = None) -> str:
+    """Create experiments on the driver only: concurrent set_experiment calls race."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if artifact_root is None and tracking_uri().startswith("sqlite:///"):
+        artifact_root = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=artifact_root)
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if items:
+        client.log_batch(run_id, metrics=items)
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def per_class_plot(per_class_acc: Sequence[float], class_counts: Sequence[int], path: str | Path,
+                   title: str = "per-class accuracy vs training-set size") -> Path:
+    """Accuracy of each class against its number of training images (log x), the long-tail picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.scatter(class_counts, per_class_acc, s=14, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images in class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.axvline(20, color="grey", lw=0.8, ls="--")
+    ax.axvline(100, color="grey", lw=0.8, ls="--")
+    ax.set_title(title)
+    ax.set_ylim(-2, 102)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def confusion_summary(confusion, classes: Sequence[str], class_counts: Sequence[int], top: int = 3) -> dict:
+    """Per-class accuracy, size and the classes each is most often mistaken for."""
+    import torch
+
+    conf = torch.as_tensor(confusion, dtype=torch.float64)
+    rows = conf.sum(1).clamp_min(1)
+    per_class = (conf.diag() / rows * 100).tolist()
+    off = conf.clone()
+    off.fill_diagonal_(0)
+    out = []
+    for i, name in enumerate(classes):
+        vals, idx = off[i].topk(min(top, len(classes)))
+        out.append({"class": name, "train_images": int(class_counts[i]), "accuracy": per_class[i],
+                    "confused_with": [{"class": classes[j], "count": int(v)}
+                                      for v, j in zip(vals.tolist(), idx.tolist()) if v > 0]})
+    return {"per_class": out, "confusion_matrix": conf.to(torch.int64).tolist()}
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    Path(path).write_text(json.dumps(obj, indent=1))
+    return Path(path)

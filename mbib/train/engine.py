@@ -1,0 +1,261 @@
+"""One worker's training state: model, criterion, optimiser and schedule, with a train step and an evaluation.
+
+The engine knows nothing of Ray: the Ray Train loop (mbib.train.loop) drives it, and benchmarks or tests can
+drive it directly. Distributed pieces (DDP, all-reduce of the confusion matrix) switch on with world_size > 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mbib import data as mdata
+from mbib.config import TrainConfig
+from mbib.errors import ConfigError
+from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion
+from mbib.metrics import shot_groups
+from mbib.models import build_model, ensemble_logits
+from mbib.train.schedule import lr_factor
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """What the device can use: AMP and channels_last pay off on CUDA only."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    grad_scaler: bool
+    channels_last: bool
+
+
+def device_options(device: torch.device, amp: bool, channels_last: bool, bf16_ok: bool | None = None) -> DeviceOptions:
+    """Pure decision so CPU tests can exercise the CUDA branch with device=torch.device('cuda')."""
+    if device.type != "cuda":
+        return DeviceOptions(device, None, False, False)
+    if bf16_ok is None:
+        bf16_ok = torch.cuda.is_bf16_supported()
+    dtype = (torch.bfloat16 if bf16_ok else torch.float16) if amp else None
+    return DeviceOptions(device, dtype, dtype is torch.float16, channels_last)
+
+
+def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    method = cfg.loss.method
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(sorted(METHODS))}")
+    options: dict[str, Any] = {"head": METHODS[method], "num_taps": cfg.model.num_taps, **METHOD_MODEL_OPTIONS.get(method, {})}
+    if cfg.model.z_dim is not None:
+        options["z_dim"] = cfg.model.z_dim
+    return {"name": cfg.model.arch, "num_classes": num_classes, "options": options}
+
+
+def data_spec(d: mdata.ImageData) -> dict[str, Any]:
+    return {"dataset": d.name, "classes": list(d.classes), "mean": list(d.mean), "std": list(d.std),
+            "image_size": int(d.x_test.shape[-1]), "class_counts": list(map(int, d.class_counts))}
+
+
+def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:
+    loss = cfg.loss
+    return {"beta": loss.beta, "a": loss.a, "b": loss.b, "m": loss.m, "gamma": loss.gamma, "drw_epoch": loss.drw_epoch}
+
+
+def load_data(cfg: TrainConfig) -> mdata.ImageData:
+    d = mdata.load_dataset(cfg.data.dataset, data_root=cfg.data.data_root,
+                           imbalance_factor=cfg.data.imbalance_factor, seed=cfg.runtime.seed)
+    return limit_data(d, cfg.data.limit_train, cfg.data.limit_test)
+
+
+def limit_data(d: mdata.ImageData, limit_train: int | None, limit_test: int | None) -> mdata.ImageData:
+    """Keep a fixed random subset of each split (smoke runs, tests); class counts follow the kept images."""
+    if limit_train is None and limit_test is None:
+        return d
+    g = torch.Generator().manual_seed(0)
+    tr = torch.randperm(len(d.y_train), generator=g)[: limit_train or len(d.y_train)]
+    te = torch.randperm(len(d.y_test), generator=g)[: limit_test or len(d.y_test)]
+    counts = torch.bincount(d.y_train[tr], minlength=len(d.classes)).clamp_min(1).tolist()
+    return mdata.ImageData(x_train=d.x_train[tr], y_train=d.y_train[tr], x_test=d.x_test[te], y_test=d.y_test[te],
+                           classes=d.classes, class_counts=counts, mean=d.mean, std=d.std, name=d.name)
+
+
+@dataclass
+class EvalResult:
+    acc: float
+    many: float
+    medium: float
+    few: float
+    head_acc: dict[str, float]
+    confusion: torch.Tensor  # [K, K] counts, rows = true class
+
+    def metrics(self) -> dict[str, float]:
+        out = {"acc": self.acc, "many": self.many, "medium": self.medium, "few": self.few}
+        out.update({f"acc_{k}": v for k, v in self.head_acc.items()})
+        return out
+
+
+@dataclass
+class Engine:
+    cfg: TrainConfig
+    data: mdata.ImageData
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    model: nn.Module = field(init=False)
+    net: nn.Module = field(init=False)
+    steps_per_epoch: int = field(init=False)
+    global_step: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.opts = device_options(self.device, cfg.runtime.amp, cfg.runtime.channels_last)
+        num_classes = len(self.data.classes)
+        self.spec = model_spec(cfg, num_classes)
+        torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every worker
+        self.net = build_model(self.spec["name"], num_classes, **self.spec["options"]).to(self.device)
+        if self.opts.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.criterion = build_criterion(cfg.loss.method, self.data.class_counts, **criterion_hparams(cfg))
+        self.criterion = self.criterion.to(self.device)
+        self.model = self.wrap_model(self.net)
+        params = list(self.net.parameters()) + [p for p in self.criterion.parameters() if p.requires_grad]
+        no_decay = {id(p) for p in getattr(self.criterion, "no_weight_decay_params", lambda: [])()}
+        groups = [{"params": [p for p in params if id(p) not in no_decay]},
+                  {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=o.lr, momentum=o.momentum,
+                                         weight_decay=o.weight_decay)
+        self.batches = mdata.BatchIterator(self.data.x_train, self.data.y_train, batch_size=self.local_batch,
+                                           shuffle=True, seed=cfg.runtime.seed, rank=self.rank,
+                                           world_size=self.world_size, drop_last=False)
+        self.steps_per_epoch = len(self.batches)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor((step + 1) / self.steps_per_epoch, o))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.opts.grad_scaler)
+        from mbib.data.strong_augment import AUGMENTATIONS  # imported lazily: strong augmentation pulls in v2 transforms
+
+        self.augment = AUGMENTATIONS[cfg.data.augment]
+        self.mean = torch.tensor(self.data.mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.data.std, device=self.device).view(1, -1, 1, 1)
+
+    @property
+    def local_batch(self) -> int:
+        return max(1, self.cfg.optim.batch_size // self.world_size)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.opts.channels_last else x
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=self.opts.amp_dtype, enabled=self.opts.amp_dtype is not None)
+
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Augmented, normalised batches of this worker's shard; seeded by (seed, epoch, rank) for exact resumes."""
+        self.batches.set_epoch(epoch)
+        gen = torch.Generator(device=self.device).manual_seed(
+            self.cfg.runtime.seed * 1_000_003 + epoch * 1_009 + self.rank)
+        for x, y in self.batches:
+            x = self.augment(self._to_device(x), self.data.mean, self.data.std, generator=gen)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step; returns the (detached) loss and its terms. The caller checks finiteness."""
+        self.model.train()
+        with self._autocast():
+            outputs = self.model(x)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        loss, terms = self.criterion(outputs, y)
+        if self.cfg.runtime.inject_nan_step is not None and self.global_step == self.cfg.runtime.inject_nan_step:
+            loss = loss * float("nan")
+        if not self.all_finite(loss):
+            return loss.detach(), terms
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        after = getattr(self.criterion, "after_step", None)
+        if after is not None:
+            after(self.net)
+        self.global_step += 1
+        return loss.detach(), terms
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Finite on every worker: a NaN anywhere must stop all of them at the same step."""
+        ok = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 500) -> EvalResult:
+        """Balanced test set, sharded across workers; confusion matrices are summed so every worker agrees."""
+        self.net.eval()
+        k = len(self.data.classes)
+        idx = torch.arange(self.rank, len(self.data.y_test), self.world_size)
+        conf = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+        head_correct: dict[str, torch.Tensor] = {}
+        for start in range(0, len(idx), batch_size):
+            sel = idx[start:start + batch_size]
+            x = mdata.normalize(self._to_device(self.data.x_test[sel]), self.data.mean, self.data.std)
+            y = self.data.y_test[sel].to(self.device)
+            with self._autocast():
+                outputs = {h: v.float() for h, v in self.net(x).items()}
+            pred = ensemble_logits(outputs).argmax(1)
+            conf += torch.bincount(y * k + pred, minlength=k * k).view(k, k).double()
+            for h, v in outputs.items():
+                head_correct[h] = head_correct.get(h, torch.zeros((), dtype=torch.float64, device=self.device)) \
+                    + (v.argmax(1) == y).sum()
+        heads = sorted(head_correct)
+        correct = torch.stack([head_correct[h] for h in heads]) if heads else torch.zeros(0, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(conf)
+            dist.all_reduce(correct)
+        conf = conf.cpu()
+        total = max(1.0, conf.sum().item())
+        shots = shot_accuracy_from_confusion(conf, self.data.class_counts)
+        return EvalResult(acc=shots["overall"], many=shots["many"], medium=shots["medium"], few=shots["few"],
+                          head_acc={h: 100.0 * c / total for h, c in zip(heads, correct.cpu().tolist())},
+                          confusion=conf.round().to(torch.int64))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.net.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "global_step": self.global_step,
+            "torch_rng": torch.get_rng_state(),
+            "model_spec": self.spec,
+            "data_spec": data_spec(self.data),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.global_step = int(state["global_step"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def shot_accuracy_from_confusion(conf: torch.Tensor, class_counts) -> dict[str, float]:
+    """Overall accuracy and the many/medium/few means of per-class accuracy, from summed confusion counts."""
+    rows = conf.sum(1)
+    per_class = conf.diag() / rows.clamp_min(1) * 100
+    present = rows > 0
+    out = {"overall": 100.0 * conf.diag().sum().item() / max(1.0, conf.sum().item())}
+    for group, mask in shot_groups(class_counts).items():
+        sel = per_class[mask & present]
+        out[group] = sel.mean().item() if len(sel) else float("nan")
+    return out
+
+
+def mean_terms(sums: dict[str, float], n: int) -> dict[str, float]:
+    return {f"train_{k}": v / max(1, n) for k, v in sums.items() if math.isfinite(v)}

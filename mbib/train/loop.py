@@ -1,0 +1,101 @@
+"""The per-worker training function that Ray Train's TorchTrainer runs (DDP via Ray's helpers)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from mbib.config import TrainConfig
+from mbib.train.engine import Engine, load_data, mean_terms
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fault-injection test hook to simulate a crashed worker."""
+
+
+def _wrap_ddp(world_size: int):
+    if world_size == 1:
+        return lambda m: m
+    return lambda m: ray.train.torch.prepare_model(m, move_to_device=False)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = TrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.runtime.cpus_per_worker)))
+    engine = Engine(cfg, load_data(cfg), device, rank=rank, world_size=world, wrap_model=_wrap_ddp(world))
+
+    start_epoch, best = 0, -1.0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
+        engine.load_state_dict(state)
+        start_epoch, best = int(state["epoch"]) + 1, float(state.get("best_acc", -1.0))
+
+    epochs = cfg.optim.epochs
+    bar = _progress(rank, cfg, start_epoch)
+    for epoch in range(start_epoch, epochs):
+        engine.criterion.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        n, t0, images = 0, time.perf_counter(), 0
+        for x, y in engine.epoch_batches(epoch):
+            loss, terms = engine.train_step(x, y)
+            if not torch.isfinite(loss):
+                # every worker saw the flag (all-reduced), so every worker reports once more and stops together
+                ray.train.report({"epoch": epoch, "nan_step": engine.global_step, "nan_epoch": epoch})
+                return
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+            images += len(y)
+        metrics = {"epoch": epoch, "lr": engine.optimizer.param_groups[0]["lr"],
+                   "images_per_s": images * world / max(1e-9, time.perf_counter() - t0), **mean_terms(sums, n)}
+        is_eval = (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs
+        if not is_eval:
+            ray.train.report(metrics)
+            _tick(bar, metrics)
+            continue
+        result = engine.evaluate()
+        metrics.update(result.metrics())
+        best = max(best, result.acc)
+        metrics["best_acc"] = best
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                state = engine.state_dict()
+                state.update(epoch=epoch, best_acc=best, metrics=metrics, confusion=result.confusion)
+                save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        _tick(bar, metrics)
+        if cfg.runtime.inject_failure_epoch == epoch and restored is None:
+            raise InjectedFault(f"injected fault after epoch {epoch}")
+    if bar is not None:
+        bar.close()
+
+
+def _progress(rank: int, cfg: TrainConfig, start: int):
+    """An epoch bar on rank 0; Ray's tqdm streams it to the driver's console."""
+    if rank != 0 or not cfg.runtime.show_progress:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=cfg.optim.epochs, initial=start, desc=f"{cfg.loss.method} {cfg.data.dataset}")
+
+
+def _tick(bar, metrics: dict) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if "acc" in metrics:
+        bar.set_description(f"loss {metrics.get('train_total', float('nan')):.3f} acc {metrics['acc']:.1f}")

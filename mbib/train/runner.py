@@ -1,0 +1,163 @@
+"""Driver side of a training run: a TorchTrainer with fault tolerance, MLflow tracking and a final summary."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from mbib import tracking
+from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from mbib.config import TrainConfig
+from mbib.errors import MBIBError, TrainingError
+from mbib.train.engine import load_data
+from mbib.train.loop import train_loop_per_worker
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict[str, Any]  # the last report
+    best_metrics: dict[str, Any]
+    best_checkpoint: Path | None  # checkpoint.pt of the best evaluation
+    run_dir: Path
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+class MLflowReportCallback(ray.train.UserCallback):
+    """Runs in the Train controller: logs each report as one MLflow step, so a single process writes."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        from mlflow.tracking import MlflowClient
+
+        m = metrics[0]
+        tracking.log_metrics(MlflowClient(self.uri), self.run_id, m, step=int(m.get("epoch", 0)))
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(address="auto" if _cluster_running() else None, log_to_driver=True,
+                 configure_logging=False, include_dashboard=False)
+
+
+def _cluster_running() -> bool:
+    import os
+
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
+    rt = cfg.runtime
+    use_gpu = rt.use_gpu if rt.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": rt.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = rt.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=rt.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
+    storage = Path(cfg.runtime.storage_path or "mbib_runs").resolve()
+    run_config = ray.train.RunConfig(
+        name=cfg.run_name,
+        storage_path=str(storage),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="acc",
+                                                     checkpoint_score_order="max"),
+        callbacks=callbacks or [],
+    )
+    return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.to_dict(),
+                        scaling_config=scaling_config(cfg), run_config=run_config)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """Dig an mbib error out of Ray's wrappers so the user sees our one-line message."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MBIBError):
+            return e
+        for attr in ("worker_failures", "errors"):
+            nested = getattr(e, attr, None)
+            if isinstance(nested, dict):
+                stack.extend(v for v in nested.values() if isinstance(v, BaseException))
+        for nxt in (e.__cause__, e.__context__, getattr(e, "cause", None)):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+    return exc
+
+
+def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | None = None,
+                 parent_run_id: str | None = None) -> TrainOutcome:
+    """Train on Ray Train; record params, per-epoch metrics and artifacts in MLflow; return the outcome."""
+    data = load_data(cfg)  # fail fast on the driver with a one-line error, before any worker starts
+    cfg.run_name = cfg.run_name or f"{cfg.loss.method}-{Path(cfg.data.dataset).stem}-{uuid.uuid4().hex[:6]}"
+    _ensure_ray()
+    client = run_id = uri = None
+    if track:
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking.tracking_uri(tracking_uri)
+        client = MlflowClient(uri)
+        exp_id = tracking.get_or_create_experiment(client, cfg.experiment)
+        tags = {"mlflow.runName": cfg.run_name}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(exp_id, tags=tags).info.run_id
+        tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": len(data.classes),
+                                             "train_images": len(data.y_train)})
+    callbacks = [MLflowReportCallback(uri, run_id)] if track else []
+    try:
+        result = build_trainer(cfg, callbacks).fit()
+    except Exception as exc:  # Ray wraps worker errors; surface ours as one line
+        if client is not None:
+            client.set_terminated(run_id, "FAILED")
+        cause = root_cause(exc)
+        if isinstance(cause, MBIBError):
+            raise cause from None
+        raise TrainingError(f"training failed: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}") from exc
+    metrics = dict(result.metrics or {})
+    if "nan_step" in metrics:
+        if client is not None:
+            client.set_terminated(run_id, "FAILED")
+        raise TrainingError(f"loss became NaN at step {metrics['nan_step']} (epoch {metrics['nan_epoch']}): "
+                            "lower optim.lr or check the data; the run stopped there")
+    best_ckpt, best_metrics = None, {}
+    if result.best_checkpoints:
+        ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("acc", -1))
+        best_ckpt = Path(ckpt.path) / CHECKPOINT_FILE
+    outcome = TrainOutcome(metrics, best_metrics, best_ckpt, Path(result.path), run_id, uri)
+    if client is not None:
+        log_final_artifacts(client, run_id, outcome)
+        client.set_terminated(run_id, "FINISHED")
+    return outcome
+
+
+def log_final_artifacts(client, run_id: str, outcome: TrainOutcome) -> None:
+    """Best checkpoint, per-class accuracy vs class size (PNG) and confusion statistics (JSON)."""
+    if outcome.best_checkpoint is None:
+        return
+    state = load_checkpoint(outcome.best_checkpoint)
+    ds = state["data_spec"]
+    summary = tracking.confusion_summary(state["confusion"], ds["classes"], ds["class_counts"])
+    final = {f"final_{k}": v for k, v in outcome.best_metrics.items() if k in ("acc", "many", "medium", "few")}
+    tracking.log_metrics(client, run_id, final, step=int(outcome.best_metrics.get("epoch", 0)))
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(outcome.best_checkpoint, Path(tmp) / CHECKPOINT_FILE)
+        client.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE), artifact_path="best_checkpoint")
+        png = tracking.per_class_plot([c["accuracy"] for c in summary["per_class"]], ds["class_counts"],
+                                      Path(tmp) / "per_class_accuracy.png")
+        client.log_artifact(run_id, str(png), artifact_path="plots")
+        client.log_artifact(run_id, str(tracking.write_json(summary, Path(tmp) / "confusion.json")))
