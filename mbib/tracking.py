@@ -32,12 +32,18 @@ def get_or_create_experiment(client, name: str, artifact_root: str | None = None
     return client.create_experiment(name, artifact_location=artifact_root)
 
 
+def metric_name(key: str) -> str:
+    """MLflow names allow no '@': the loss term "bsc_z@v1" (z's BSC in BIB(v1, z)) is logged as "bsc_z:v1"."""
+    return key.replace("@", ":")
+
+
 def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    from mlflow.entities import Metric
     import time
 
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+    items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if items:
         client.log_batch(run_id, metrics=items)

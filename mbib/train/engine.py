@@ -20,7 +20,10 @@ from mbib.errors import ConfigError
 from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion
 from mbib.metrics import shot_groups
 from mbib.models import build_model, ensemble_logits
+from mbib.gml import GML_METHODS, GMLHead, register_gml_methods
 from mbib.train.schedule import lr_factor
+
+register_gml_methods()  # "gml" and "mbib-gml" train through the same engine
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,11 @@ class Engine:
         num_classes = len(self.data.classes)
         self.spec = model_spec(cfg, num_classes)
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every worker
-        self.net = build_model(self.spec["name"], num_classes, **self.spec["options"]).to(self.device)
+        self.base = build_model(self.spec["name"], num_classes, **self.spec["options"])
+        # GML adds a projection head and a momentum key encoder around the network it trains
+        method = cfg.loss.method
+        self.net = (GMLHead(self.base, feature=GML_METHODS[method][1]) if method in GML_METHODS
+                    else self.base).to(self.device)
         if self.opts.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.criterion = build_criterion(cfg.loss.method, self.data.class_counts, **criterion_hparams(cfg))
@@ -183,6 +190,11 @@ class Engine:
         self.global_step += 1
         return loss.detach(), terms
 
+    def param_checksum(self) -> float:
+        """Sum and sum of squares of all weights: equal on every DDP worker when they are in sync."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() + p.double().square().sum() for p in self.net.parameters()))
+
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Finite on every worker: a NaN anywhere must stop all of them at the same step."""
         ok = torch.isfinite(loss.detach()).float().reshape(1)
@@ -223,7 +235,8 @@ class Engine:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.net.state_dict(),
+            "model": self.base.state_dict(),  # what export and serving rebuild with build_model
+            "train_module": self.net.state_dict(),  # plus any training-only parts (GML key encoder)
             "criterion": self.criterion.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -236,7 +249,7 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["model"])
+        self.net.load_state_dict(state["train_module"])
         self.criterion.load_state_dict(state["criterion"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -12,6 +12,7 @@ import torch
 
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from mbib.config import TrainConfig
+from mbib.errors import TrainingError
 from mbib.train.engine import Engine, load_data, mean_terms
 
 
@@ -51,15 +52,16 @@ def train_loop_per_worker(config: dict) -> None:
         for x, y in engine.epoch_batches(epoch):
             loss, terms = engine.train_step(x, y)
             if not torch.isfinite(loss):
-                # every worker saw the flag (all-reduced), so every worker reports once more and stops together
-                ray.train.report({"epoch": epoch, "nan_step": engine.global_step, "nan_epoch": epoch})
-                return
+                # the flag was all-reduced, so every worker stops here together with the same message
+                raise TrainingError(f"loss became NaN at step {engine.global_step} (epoch {epoch}): "
+                                    "lower optim.lr or check the data; the run stopped there")
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
             images += len(y)
         metrics = {"epoch": epoch, "lr": engine.optimizer.param_groups[0]["lr"],
-                   "images_per_s": images * world / max(1e-9, time.perf_counter() - t0), **mean_terms(sums, n)}
+                   "images_per_s": images * world / max(1e-9, time.perf_counter() - t0),
+                   "param_checksum": engine.param_checksum(), **mean_terms(sums, n)}
         is_eval = (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs
         if not is_eval:
             ray.train.report(metrics)

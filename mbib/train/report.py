@@ -44,7 +44,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     if data_root is not None:
         cfg.data.data_root = data_root
     engine = Engine(cfg, load_data(cfg), dev)
-    engine.net.load_state_dict(state["model"])
+    engine.base.load_state_dict(state["model"])
     result = engine.evaluate()
     return {"checkpoint": str(path), "dataset": cfg.data.dataset, "method": cfg.loss.method,
             "epoch": int(state.get("epoch", -1)) + 1, **result.metrics()}

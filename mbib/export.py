@@ -1,0 +1,278 @@
+"""Export a trained mbib checkpoint to one ONNX model that checks itself before it is written.
+
+The graph takes "images" (float32 [B, 3, H, W], already normalised; B is dynamic) and returns
+"logits" (the mean of the final-tap head f and the z head g, Section 4.2) and "probs" (softmax).
+Class names and the preprocessing constants travel in the model's metadata_props, so a server
+needs nothing but the .onnx file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import mbib
+from mbib.checkpoint import checkpoint_file, model_from_checkpoint
+from mbib.errors import ConfigError, DataError, MBIBError, TrainingError
+
+OPSET = 18
+TOLERANCE = 1e-4
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probs")
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+class EnsembleClassifier(nn.Module):
+    """The deployed prediction: ensemble logits of an MBIBNet plus their softmax."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from mbib.models import ensemble_logits
+
+        logits = ensemble_logits(self.model(images))
+        return logits, torch.softmax(logits, dim=1)
+
+
+def resolve_checkpoint(source: str | os.PathLike, download_dir: str | os.PathLike) -> Path:
+    """A checkpoint path as given, or the checkpoint inside an MLflow model/run artifact URI."""
+    text = str(source)
+    if not text.startswith(MLFLOW_SCHEMES):
+        return checkpoint_file(text)
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(download_dir)))
+    except Exception as exc:  # MLflow raises several types for unknown names/versions
+        raise ConfigError(f"cannot download {text} from MLflow ({type(exc).__name__}): check the URI and MLFLOW_TRACKING_URI") from None
+    if local.is_file():
+        return local
+    found = sorted(local.rglob("checkpoint.pt")) or sorted(local.rglob("*.pt"))
+    if len(found) != 1:
+        raise ConfigError(f"{text} holds {len(found)} checkpoint files, expected one checkpoint.pt: log the checkpoint as an artifact of the registered model")
+    return found[0]
+
+
+def load_parity_images(data_spec: dict[str, Any], count: int, images: torch.Tensor | None = None,
+                       images_npz: str | None = None) -> tuple[torch.Tensor, str]:
+    """A batch of real, normalised images for the parity check: supplied, from an npz, or the checkpoint's dataset."""
+    mean = torch.tensor(data_spec["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(data_spec["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    if images is not None:
+        return images[:count].float(), "supplied tensor"
+    if images_npz is not None:
+        try:
+            x = np.load(images_npz)["x_test"][:count]
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"cannot read x_test from {images_npz} ({type(exc).__name__}): pass an npz in the project's image format") from None
+        raw = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # npz stores NHWC
+        source = f"npz:{images_npz}"
+    else:
+        from mbib.data import load_dataset
+
+        raw = load_dataset(data_spec["dataset"]).x_test[:count]
+        source = f"dataset:{data_spec['dataset']}"
+    if raw.shape[1] == 1 and mean.shape[1] == 3:
+        raw = raw.expand(-1, 3, -1, -1)  # grey digits are fed as three equal channels
+    return (raw.float() / 255.0 - mean) / std, source
+
+
+def _export_bytes(wrapper: nn.Module, example: torch.Tensor) -> tuple[bytes, str]:
+    """ONNX bytes from the dynamo exporter, or from the TorchScript exporter when dynamo fails."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=OPSET, external_data=False, verbose=False)
+        return program.model_proto.SerializeToString(), "dynamo"
+    except Exception as exc:  # noqa: BLE001 - any dynamo failure falls back to the older exporter
+        print(f"mbib export: dynamo exporter failed ({type(exc).__name__}); using the TorchScript exporter", file=sys.stderr)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), opset_version=OPSET,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}})
+    return buffer.getvalue(), "torchscript"
+
+
+def _parity(onnx_bytes: bytes, wrapper: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """Max abs differences between ONNX Runtime (CPU) and PyTorch, at the full batch and at batch 1."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref_logits, ref_probs = (t.numpy() for t in wrapper(images))
+    logits, probs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
+    one_logits, _ = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[:1].numpy()})
+    return {
+        "batch_size": int(images.shape[0]),
+        "max_abs_diff_logits": float(np.abs(logits - ref_logits).max()),
+        "max_abs_diff_probs": float(np.abs(probs - ref_probs).max()),
+        "max_abs_diff_logits_batch1": float(np.abs(one_logits - ref_logits[:1]).max()),
+        "max_abs_logit": float(np.abs(ref_logits).max()),  # float32 error grows with the logits' scale
+        "top1_agreement": float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
+        "output_shapes": {"logits": list(logits.shape), "probs": list(probs.shape)},
+    }
+
+
+def _atomic_write(data: bytes, target: Path) -> None:
+    """Temporary file beside the target, then rename: readers never see half a model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".onnx")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def log_to_mlflow(onnx_path: Path, report: dict[str, Any], tracking_uri: str | None = None,
+                  experiment: str | None = None) -> str | None:
+    """Log the ONNX file and its parity report to the active MLflow run, or to a new run at tracking_uri."""
+    import mlflow
+
+    if mlflow.active_run() is None and not tracking_uri:
+        return None
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.active_run() is not None:
+        run_context = contextlib.nullcontext(mlflow.active_run())
+    else:
+        if experiment:
+            mlflow.set_experiment(experiment)
+        run_context = mlflow.start_run(run_name=f"export-{onnx_path.stem}")
+    with run_context as run:
+        mlflow.log_artifact(str(onnx_path), artifact_path="onnx")
+        mlflow.log_dict(report, "onnx/parity_report.json")
+        mlflow.log_metric("onnx_max_abs_diff_logits", report["max_abs_diff_logits"])
+        return run.info.run_id
+
+
+def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.PathLike, *,
+                parity_images: torch.Tensor | None = None, parity_npz: str | None = None,
+                parity_count: int = 32, synthetic_parity: bool = False, tolerance: float = TOLERANCE,
+                mlflow_tracking_uri: str | None = None, mlflow_experiment: str | None = None) -> dict[str, Any]:
+    """Export, verify (ONNX checker + ORT/PyTorch parity within `tolerance`), then write atomically.
+
+    Returns the parity report. Raises TrainingError when the check fails; nothing is written then.
+    """
+    import onnx
+
+    source = str(checkpoint_or_model_uri)
+    with tempfile.TemporaryDirectory(prefix="mbib-export-") as tmp:
+        ckpt_path = resolve_checkpoint(source, tmp)
+        model, state = model_from_checkpoint(ckpt_path)
+        version = hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
+    spec, data_spec = state["model_spec"], state.get("data_spec") or {}
+    missing = [k for k in ("classes", "mean", "std", "image_size") if k not in data_spec]
+    if missing:
+        raise DataError(f"checkpoint {ckpt_path} lacks data_spec {missing}: re-save it with mbib.train so export knows the preprocessing")
+    size = int(data_spec["image_size"])
+    wrapper = EnsembleClassifier(model).eval()
+
+    if synthetic_parity and parity_images is None and parity_npz is None:
+        generator = torch.Generator().manual_seed(0)
+        images, image_source = torch.randn(parity_count, len(data_spec["mean"]), size, size, generator=generator), "synthetic normal noise"
+    else:
+        try:
+            images, image_source = load_parity_images(data_spec, parity_count, parity_images, parity_npz)
+        except (DataError, ImportError) as exc:
+            raise DataError(f"no real images for the parity check ({exc}): pass --parity-npz PATH or --synthetic-parity") from None
+    if images.shape[0] < 2 or tuple(images.shape[2:]) != (size, size):
+        raise DataError(f"parity images have shape {tuple(images.shape)}, need [>=2, C, {size}, {size}]: supply images of the model's size")
+
+    onnx_bytes, exporter = _export_bytes(wrapper, images[:2].contiguous())
+    proto = onnx.load_from_string(onnx_bytes)
+    metadata = {
+        "classes": json.dumps(list(data_spec["classes"])),
+        "mean": json.dumps([float(v) for v in data_spec["mean"]]),
+        "std": json.dumps([float(v) for v in data_spec["std"]]),
+        "image_size": str(size),
+        "model_name": spec["name"],
+        "model_options": json.dumps(spec.get("options", {})),
+        "model_version": source.rstrip("/").rsplit("/", 1)[-1] if source.startswith("models:/") else version,
+        "dataset": str(data_spec.get("dataset", "")),
+        "source": source,
+        "checkpoint_sha256_12": version,
+        "mbib_version": mbib.__version__,
+        "exporter": exporter,
+    }
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    final = proto.SerializeToString()
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # checker raises ValidationError and shape-inference errors
+        raise TrainingError(f"exported ONNX graph fails onnx.checker ({str(exc).splitlines()[0]}): report this with the model name {spec['name']}") from None
+
+    report = {"exporter": exporter, "opset": OPSET, "tolerance": tolerance, "images": image_source,
+              "source": source, "model_name": spec["name"], **_parity(final, wrapper, images)}
+    worst = max(report["max_abs_diff_logits"], report["max_abs_diff_logits_batch1"])
+    report["passed"] = bool(worst <= tolerance)
+    if not report["passed"]:
+        raise TrainingError(f"ONNX Runtime differs from PyTorch by {worst:.3g} > {tolerance:g} on logits "
+                            f"(max |logit| {report['max_abs_logit']:.3g}): nothing written; check the model's ops or pass --tolerance")
+    target = Path(out_path)
+    _atomic_write(final, target)
+    report["onnx_path"] = str(target)
+    report["onnx_sha256"] = hashlib.sha256(final).hexdigest()
+    report["mlflow_run_id"] = log_to_mlflow(target, report, mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                                            mlflow_experiment)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mbib export", description="Export a checkpoint (or MLflow model URI) to a self-checked ONNX model.")
+    parser.add_argument("checkpoint", help="checkpoint.pt, its directory, or models:/NAME/VERSION")
+    parser.add_argument("--out", default="model.onnx", help="where to write the ONNX model (default model.onnx)")
+    parser.add_argument("--parity-npz", help="npz (project image format) whose x_test feeds the parity check")
+    parser.add_argument("--parity-count", type=int, default=32, help="images in the parity batch (>= 2)")
+    parser.add_argument("--synthetic-parity", action="store_true", help="check parity on noise when no real images are available")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="max abs logit difference allowed")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI to log the ONNX file and report to (default $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--experiment", help="MLflow experiment for the export run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.parity_count < 2:
+            raise ConfigError(f"--parity-count {args.parity_count} is too small: use 2 or more so the batch size stays dynamic")
+        report = export_onnx(args.checkpoint, args.out, parity_npz=args.parity_npz, parity_count=args.parity_count,
+                             synthetic_parity=args.synthetic_parity, tolerance=args.tolerance,
+                             mlflow_tracking_uri=args.mlflow_uri, mlflow_experiment=args.experiment)
+    except MBIBError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,383 @@
+"""Image classification over HTTP: an exported mbib ONNX model behind a Ray Serve FastAPI ingress.
+
+Library logic only; serve/app.py turns a config file, environment and command line into the app.
+Pre-processing (the same in the service, the benchmark and the tests):
+  decode with PIL (PNG, JPEG, WebP; first frame), apply the EXIF orientation, composite any alpha
+  over black (premultiplied reading: a transparent pixel carries no light), convert to the model's
+  channels, then resize: models of <= 64 px (CIFAR/MNIST style, trained on whole images) get the
+  image resized directly to image_size x image_size; larger models get the shorter side resized to
+  image_size / 0.875 and a centre crop of image_size (the ImageNet evaluation transform), then the
+  stored mean/std normalisation.
+"""
+
+import asyncio
+import io
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image, ImageOps, UnidentifiedImageError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from mbib.errors import ConfigError
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+SMALL_MODEL_MAX = 64  # image sizes up to this are resized without a crop
+CROP_FRACTION = 0.875  # resize-then-centre-crop ratio for ImageNet-sized models
+ENV_PREFIX = "MBIB_SERVE_"
+
+
+@dataclass
+class ServeSettings:
+    """Everything a deployment needs; from a YAML file, MBIB_SERVE_* variables and builder args."""
+
+    model_path: str = "model.onnx"
+    num_replicas: int = 1
+    num_cpus: float = 1.0  # per replica; fractional on small machines so replicas fit
+    num_gpus: float | None = None  # None: a GPU share per replica only when the driver sees CUDA
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 25_000_000  # decompression-bomb guard (width x height)
+    max_batch_files: int = 64
+
+    @classmethod
+    def from_sources(cls, config_path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
+                     environ: Mapping[str, str] | None = None) -> "ServeSettings":
+        """Defaults < YAML file < MBIB_SERVE_* environment < explicit overrides (e.g. `serve run ... key=value`)."""
+        values: dict[str, Any] = {}
+        if config_path:
+            values.update(_read_yaml(Path(config_path)))
+        environ = os.environ if environ is None else environ
+        for f in fields(cls):
+            if ENV_PREFIX + f.name.upper() in environ:
+                values[f.name] = environ[ENV_PREFIX + f.name.upper()]
+        values.update({k: v for k, v in (overrides or {}).items() if k != "config"})
+        return cls.coerce(values)
+
+    @classmethod
+    def coerce(cls, values: Mapping[str, Any]) -> "ServeSettings":
+        """Typed settings from strings or numbers; a ConfigError names an unknown or malformed key."""
+        known = {f.name: f for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown serve setting {key!r}: use one of {', '.join(known)}")
+            kind = {"model_path": str, "num_replicas": int, "max_batch_size": int,
+                    "max_body_bytes": int, "max_image_pixels": int, "max_batch_files": int}.get(key, float)
+            try:
+                out[key] = None if key == "num_gpus" and raw in (None, "", "auto") else kind(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"serve setting {key}={raw!r} is not a valid {kind.__name__}: fix the config or flag") from None
+        settings = cls(**out)
+        if settings.num_replicas < 1 or settings.max_batch_size < 1 or settings.num_cpus <= 0:
+            raise ConfigError("num_replicas, max_batch_size and num_cpus must be positive: fix the serve config")
+        return settings
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The `mbib` block of a Serve config (or a flat mapping) as a dict."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read serve config {path} ({type(exc).__name__}): check the path and YAML syntax") from None
+    if "applications" in data:  # a full Serve config: take the first application's args
+        data = data["applications"][0].get("args", {}) or {}
+    return dict(data)
+
+
+class ImageError(Exception):
+    """A client error: HTTP status plus a one-line message for the JSON body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def decode_image(data: bytes, max_pixels: int, target_size: int | None = None) -> Image.Image:
+    """Decode PNG/JPEG/WebP bytes fully, refusing empty, non-image, oversized and truncated input."""
+    if not data:
+        raise ImageError(400, "empty body: send a PNG, JPEG or WebP image")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(413, f"image of {width}x{height} pixels exceeds the {max_pixels}-pixel limit: send a smaller image")
+        if image.format not in ALLOWED_FORMATS:
+            raise ImageError(415, f"unsupported image format {image.format}: send PNG, JPEG or WebP")
+        if target_size and image.format == "JPEG":
+            image.draft(None, (target_size, target_size))  # decode big JPEGs at a reduced scale, still >= target
+        image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(413, f"image exceeds the {max_pixels}-pixel decompression limit: send a smaller image") from None
+    except UnidentifiedImageError:
+        raise ImageError(415, "body is not a PNG, JPEG or WebP image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(400, f"image is truncated or corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return image
+
+
+def resize_for_model(image: Image.Image, size: int) -> Image.Image:
+    """Small models: direct resize; large models: shorter side to size/0.875, then centre crop."""
+    if size <= SMALL_MODEL_MAX:
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    width, height = image.size
+    scale = round(size / CROP_FRACTION) / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BILINEAR)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def to_model_input(image: Image.Image, size: int, mean: np.ndarray, std: np.ndarray, channels: int = 3) -> np.ndarray:
+    """float32 [C, size, size], normalised, from any PIL mode and size."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not reject an otherwise fine image
+        pass
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    image = resize_for_model(image.convert("RGB" if channels == 3 else "L"), size)
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    if x.ndim == 2:
+        x = x[:, :, None]
+    return ((x - mean) / std).transpose(2, 0, 1).astype(np.float32, copy=True)
+
+
+def cuda_present() -> bool:
+    """Whether this process sees a CUDA device (torch's check; never asks ORT, which logs loudly without one)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_providers(use_cuda: bool) -> list[str]:
+    import onnxruntime as ort
+
+    if use_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxClassifier:
+    """An exported mbib ONNX model with its preprocessing, read from the model's metadata."""
+
+    def __init__(self, model_path: str | os.PathLike, num_threads: int = 1, use_cuda: bool | None = None):
+        import onnxruntime as ort
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise ConfigError(f"ONNX model not found: {path} (export one with `mbib export CHECKPOINT --out {path.name}`)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, int(num_threads))  # the replica's CPU share, not every core
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.providers = choose_providers(cuda_present() if use_cuda is None else use_cuda)
+        self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.classes: list[str] = json.loads(meta["classes"])
+            self.mean = np.asarray(json.loads(meta["mean"]), dtype=np.float32)
+            self.std = np.asarray(json.loads(meta["std"]), dtype=np.float32)
+            self.image_size = int(meta["image_size"])
+        except (KeyError, ValueError):
+            raise ConfigError(f"{path} lacks mbib metadata (classes/mean/std/image_size): export it with `mbib export`") from None
+        self.metadata = dict(meta)
+        self.channels = int(self.session.get_inputs()[0].shape[1])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def preprocess(self, data: bytes, max_pixels: int = ServeSettings.max_image_pixels) -> np.ndarray:
+        image = decode_image(data, max_pixels, self.image_size)
+        return to_model_input(image, self.image_size, self.mean, self.std, self.channels)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """probs [B, K] for a float32 [B, C, H, W] batch."""
+        return self.session.run(["probs"], {self.input_name: batch})[0]
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [{"index": int(i), "label": self.classes[i], "probability": float(probs[i])} for i in order]
+
+    def describe(self) -> dict[str, Any]:
+        meta = self.metadata
+        return {"name": meta.get("model_name", "unknown"), "version": meta.get("model_version", "unknown"),
+                "source": meta.get("source", ""), "dataset": meta.get("dataset", ""),
+                "mbib_version": meta.get("mbib_version", ""), "exporter": meta.get("exporter", "")}
+
+
+# ---------------------------------------------------------------- HTTP layer (Ray Serve + FastAPI)
+
+_IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
+_CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
+    "image/png": _IMAGE_BODY, "image/jpeg": _IMAGE_BODY, "image/webp": _IMAGE_BODY,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}}}}
+_BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+api = FastAPI(title="mbib image classifier", version="1", description="Long-tailed image classification with an exported MBIB model.")
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return JSONResponse({"error": f"invalid {where}: {first.get('msg', 'bad request')}"}, status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+@api.exception_handler(ImageError)
+async def _image_error(request: Request, exc: ImageError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 by its Content-Length or once more than `limit` bytes arrive."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ImageError(413, f"body of {declared} bytes exceeds the {limit}-byte limit: send a smaller image")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ImageError(413, f"body exceeds the {limit}-byte limit: send a smaller image")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart_files(request: Request, body: bytes, allowed: tuple[str, ...], max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of the file parts of an already size-checked multipart body; 422 for other fields."""
+
+    async def replay():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, replay(), max_files=max_files, max_fields=16).parse()
+    except MultiPartException as exc:
+        raise ImageError(400, f"malformed multipart body ({exc.message}): send files as multipart/form-data") from None
+    unknown = sorted({key for key in form.keys() if key not in allowed})
+    if unknown:
+        raise ImageError(422, f"unknown form field(s) {', '.join(unknown)}: send the image in field {allowed[0]!r}")
+    files = []
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            raise ImageError(422, f"form field {key!r} is text, not a file: attach the image as a file")
+        files.append((value.filename or key, await value.read()))
+    if not files:
+        raise ImageError(400, f"no image in the form: send it in field {allowed[0]!r}")
+    return files
+
+
+@serve.deployment(name="MBIBClassifier")
+@serve.ingress(api)
+class ClassifierDeployment:
+    """One ONNX Runtime session per replica; single images from all requests batched by @serve.batch."""
+
+    def __init__(self, settings: dict[str, Any]):
+        import ray
+
+        self.settings = ServeSettings.coerce(settings)
+        Image.MAX_IMAGE_PIXELS = self.settings.max_image_pixels
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb warning is a refusal here
+        self.model = OnnxClassifier(self.settings.model_path, num_threads=int(self.settings.num_cpus),
+                                    use_cuda=bool(ray.get_gpu_ids()))
+        self._infer.set_max_batch_size(self.settings.max_batch_size)
+        self._infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        probs = await asyncio.to_thread(self.model.probabilities, np.stack(images))
+        return list(probs)
+
+    def _check_top_k(self, top_k: int) -> int:
+        if not 1 <= top_k <= len(self.model.classes):
+            raise ImageError(422, f"top_k={top_k} is out of range: use 1..{len(self.model.classes)}")
+        return top_k
+
+    async def _classify_bytes(self, data: bytes, top_k: int) -> list[dict[str, Any]]:
+        x = await asyncio.to_thread(self.model.preprocess, data, self.settings.max_image_pixels)
+        return self.model.top_k(await self._infer(x), top_k)
+
+    @api.post("/classify", openapi_extra=_CLASSIFY_BODY, summary="Classify one image (raw body or multipart field 'file')")
+    async def classify(self, request: Request, top_k: int = Query(5, description="how many labels to return")) -> dict[str, Any]:
+        self._check_top_k(top_k)
+        body = await _read_body(request, self.settings.max_body_bytes)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            files = await _multipart_files(request, body, ("file",), max_files=1)
+            if len(files) != 1:
+                raise ImageError(422, "send exactly one file in field 'file' (use /classify/batch for several)")
+            body = files[0][1]
+        return {"model": self.model.describe(), "predictions": await self._classify_bytes(body, top_k)}
+
+    @api.post("/classify/batch", openapi_extra=_BATCH_BODY, summary="Classify several images (multipart fields 'files')")
+    async def classify_batch(self, request: Request, top_k: int = Query(5, description="how many labels to return")) -> dict[str, Any]:
+        self._check_top_k(top_k)
+        body = await _read_body(request, self.settings.max_body_bytes)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ImageError(415, "send the images as multipart/form-data in fields 'files'")
+        files = await _multipart_files(request, body, ("files", "file"), max_files=self.settings.max_batch_files)
+        inputs = []
+        for name, data in files:
+            try:
+                inputs.append(await asyncio.to_thread(self.model.preprocess, data, self.settings.max_image_pixels))
+            except ImageError as exc:
+                raise ImageError(exc.status, f"{name}: {exc.message}") from None
+        probs = await asyncio.gather(*(self._infer(x) for x in inputs))
+        results = [{"filename": name, "predictions": self.model.top_k(p, top_k)} for (name, _), p in zip(files, probs)]
+        return {"model": self.model.describe(), "results": results}
+
+    @api.get("/healthz", summary="Liveness: the replica holds a loaded model")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model.describe()["name"], "providers": self.model.providers}
+
+    @api.get("/metadata", summary="Classes, input size, preprocessing and model source")
+    async def metadata(self) -> dict[str, Any]:
+        m = self.model
+        return {"model": m.describe(), "classes": m.classes, "num_classes": len(m.classes),
+                "input": {"name": m.input_name, "channels": m.channels, "image_size": m.image_size,
+                          "mean": m.mean.tolist(), "std": m.std.tolist(),
+                          "resize": "direct" if m.image_size <= SMALL_MODEL_MAX else f"shorter side {round(m.image_size / CROP_FRACTION)} + centre crop"},
+                "providers": m.providers,
+                "limits": {"max_body_bytes": self.settings.max_body_bytes, "max_image_pixels": self.settings.max_image_pixels,
+                           "max_batch_files": self.settings.max_batch_files},
+                "batching": {"max_batch_size": self.settings.max_batch_size, "batch_wait_timeout_s": self.settings.batch_wait_timeout_s}}
+
+
+def build_app(settings: ServeSettings):
+    """A Serve application for `serve.run(build_app(settings))` or `serve run serve.app:app`."""
+    model_path = Path(settings.model_path).resolve()
+    if not model_path.is_file():
+        raise ConfigError(f"ONNX model not found: {model_path} (set model_path in serve/config.yaml or MBIB_SERVE_MODEL_PATH)")
+    num_gpus = settings.num_gpus
+    if num_gpus is None:  # a GPU share per replica only when this machine has CUDA
+        num_gpus = 0.0
+        if cuda_present():
+            import torch
+
+            num_gpus = min(1.0, torch.cuda.device_count() / settings.num_replicas)
+    resolved = {**asdict(settings), "model_path": str(model_path), "num_gpus": num_gpus}
+    return ClassifierDeployment.options(
+        num_replicas=settings.num_replicas,
+        max_ongoing_requests=max(32, 4 * settings.max_batch_size),
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": num_gpus},
+    ).bind(resolved)

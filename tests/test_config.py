@@ -1,0 +1,84 @@
+"""Configuration presets (Section 4.2), overrides and the learning-rate schedule."""
+
+import pytest
+import torch
+
+from mbib.config import TrainConfig, apply_overrides, preset
+from mbib.errors import ConfigError
+from mbib.train.engine import device_options
+from mbib.train.schedule import lr_factor, scale_schedule
+
+
+def test_cifar_preset_is_section_4_2():
+    c = preset("cifar100-lt")
+    assert (c.model.arch, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == ("resnet32", 0.1, 0.9, 3e-4)
+    assert (c.optim.batch_size, c.optim.epochs, c.optim.warmup_epochs) == (128, 200, 5)
+    assert c.optim.milestones == (160, 180) and c.optim.milestone_factors == (0.01, 0.0001)
+    assert (c.loss.a, c.loss.b, c.loss.m, c.loss.gamma) == (0.1, 0.3, 0.1, 0.0)
+
+
+@pytest.mark.parametrize("name,arch,lr,batch,wd,epochs", [
+    ("imagenet-lt", "resnet10", 0.05, 128, 5e-4, 90),
+    ("imagenet-lt-resnext50", "resnext50_32x4d", 0.025, 64, 5e-4, 90),
+    ("inat2018", "resnet50", 0.025, 64, 1e-4, 90),
+    ("inat2018-200ep", "resnet50", 0.025, 64, 1e-4, 200),
+])
+def test_large_presets(name, arch, lr, batch, wd, epochs):
+    c = preset(name)
+    assert (c.model.arch, c.optim.lr, c.optim.batch_size, c.optim.weight_decay, c.optim.epochs) == \
+        (arch, lr, batch, wd, epochs)
+    assert c.optim.schedule == "cosine" and c.loss.gamma == 0.5
+
+
+def test_overrides_are_typed_and_checked():
+    c = apply_overrides(TrainConfig(), {"optim.lr": "0.05", "loss.beta": "3", "optim.milestones": "10,20",
+                                        "runtime.use_gpu": "false", "data.limit_train": "none"})
+    assert c.optim.lr == 0.05 and c.loss.beta == 3.0 and c.optim.milestones == (10, 20)
+    assert c.runtime.use_gpu is False and c.data.limit_train is None
+    assert TrainConfig().optim.lr == 0.1  # the original is untouched
+    with pytest.raises(ConfigError, match="unknown setting 'optim.lrr'"):
+        apply_overrides(TrainConfig(), {"optim.lrr": 1})
+    with pytest.raises(ConfigError, match="bad value 'abc' for optim.epochs"):
+        apply_overrides(TrainConfig(), {"optim.epochs": "abc"})
+    with pytest.raises(ConfigError, match="beta"):
+        apply_overrides(TrainConfig(), {"loss.beta": -1})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("cifar1000")
+
+
+def test_roundtrip_through_dict():
+    c = apply_overrides(TrainConfig(), {"loss.method": "bib", "optim.milestones": (3, 4)})
+    assert TrainConfig.from_dict(c.to_dict()) == c
+
+
+def test_step_schedule_values():
+    o = preset("cifar100-lt").optim
+    # linear warm-up over 5 epochs, then x0.01 from epoch 160 and x0.0001 from 180 (Cao et al.)
+    assert lr_factor(0.5, o) == pytest.approx(0.1)
+    assert lr_factor(5.0, o) == 1.0
+    assert lr_factor(159.99, o) == 1.0
+    assert lr_factor(160.0, o) == 0.01
+    assert lr_factor(180.5, o) == 0.0001
+
+
+def test_cosine_schedule_values():
+    o = preset("imagenet-lt").optim
+    assert lr_factor(0.0, o) == pytest.approx(1.0)
+    assert lr_factor(45.0, o) == pytest.approx(0.5)
+    assert lr_factor(90.0, o) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scaled_schedule_moves_milestones_in_proportion():
+    o = scale_schedule(preset("cifar100-lt").optim, 20)
+    assert (o.epochs, o.warmup_epochs, o.milestones) == (20, 0.5, (16, 18))
+
+
+def test_device_options_gate_gpu_paths():
+    cpu = device_options(torch.device("cpu"), amp=True, channels_last=True)
+    assert cpu.amp_dtype is None and not cpu.channels_last and not cpu.grad_scaler
+    bf16 = device_options(torch.device("cuda"), amp=True, channels_last=True, bf16_ok=True)
+    assert bf16.amp_dtype is torch.bfloat16 and bf16.channels_last and not bf16.grad_scaler
+    fp16 = device_options(torch.device("cuda"), amp=True, channels_last=False, bf16_ok=False)
+    assert fp16.amp_dtype is torch.float16 and fp16.grad_scaler and not fp16.channels_last
+    off = device_options(torch.device("cuda"), amp=False, channels_last=True, bf16_ok=True)
+    assert off.amp_dtype is None and not off.grad_scaler
