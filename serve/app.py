@@ -1,0 +1,18 @@
+"""Ray Serve entry point.
+
+    serve run serve.app:app model_path=model.onnx num_replicas=2   # builder args override MBIB_SERVE_* env
+    serve run serve/config.yaml                                     # the same settings from a Serve config
+    MBIB_SERVE_CONFIG=serve/config.yaml serve run serve.app:app     # settings from the `args` of a config file
+
+From Python: `serve.run(mbib.serving.build_app(ServeSettings(model_path="model.onnx")))`.
+"""
+
+from mbib.serving import ServeSettings, build_app
+
+
+def app(args: dict):
+    """Application builder: defaults < MBIB_SERVE_CONFIG file < MBIB_SERVE_* env < `key=value` args."""
+    import os
+
+    config = args.get("config") or os.environ.get("MBIB_SERVE_CONFIG")
+    return build_app(ServeSettings.from_sources(config, args))

@@ -1,0 +1,62 @@
+"""Shared by test_export.py and test_serve.py: a resnet32 MBIB trained for a few steps on real MNIST digits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mbib.checkpoint import save_checkpoint
+from mbib.models import build_model
+
+DATA_ROOT = Path(os.environ.get("MBIB_DATA_ROOT", "/work/shared/data"))
+
+
+def digits(count: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [N, 3, 32, 32] MNIST digits (grey repeated, 2-pixel black border, as mbib.data does) and labels."""
+    data = np.load(DATA_ROOT / "mnist10k.npz")
+    x = torch.from_numpy(data[f"x_{split}"][:: len(data[f"x_{split}"]) // count][:count]).permute(0, 3, 1, 2)
+    y = torch.from_numpy(data[f"y_{split}"][:: len(data[f"y_{split}"]) // count][:count])
+    return F.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous(), y
+
+
+def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    return (x.float() / 255 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def train_tiny_checkpoint(run_dir: Path, steps: int = 4) -> Path:
+    """run_dir/checkpoint.pt after a few SGD steps of cross-entropy on every head (non-tied predictions)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    x, y = digits(256)
+    mean, std = [x.float().div(255).mean().item()] * 3, [x.float().div(255).std().item()] * 3
+    model = build_model("resnet32", 10, head="mbib")
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for step in range(steps):
+        idx = torch.arange(step * 32, (step + 1) * 32) % len(x)
+        outputs = model(normalise(x[idx], mean, std))
+        loss = sum(F.cross_entropy(logits, y[idx]) for logits in outputs.values())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():  # exact BatchNorm statistics: a few steps leave the running averages far off
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None
+        model(normalise(x, mean, std))
+    state = {"model": model.state_dict(),
+             "model_spec": {"name": "resnet32", "num_classes": 10, "options": {"head": "mbib"}},
+             "data_spec": {"dataset": "mnist-lt", "classes": [str(i) for i in range(10)], "mean": mean, "std": std,
+                           "image_size": 32, "class_counts": torch.bincount(y, minlength=10).tolist()}}
+    return save_checkpoint(state, run_dir)
+
+
+def write_parity_npz(path: Path, count: int = 16) -> Path:
+    """Real test digits in the project's npz layout (NHWC) for export's parity check."""
+    x, y = digits(count, "test")
+    np.savez(path, x_test=x.permute(0, 2, 3, 1).numpy(), y_test=y.numpy())
+    return path

@@ -1,0 +1,122 @@
+"""ONNX export: real torch.onnx (dynamo), onnx.checker, ONNX Runtime and a local MLflow registry; no mocks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving_helpers import DATA_ROOT, digits, normalise, train_tiny_checkpoint, write_parity_npz  # noqa: E402
+
+from mbib import __version__  # noqa: E402
+from mbib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from mbib.errors import DataError  # noqa: E402
+from mbib.export import export_onnx, main  # noqa: E402
+from mbib.models import ensemble_logits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Train, register the checkpoint in a local MLflow registry, export from models:/tiny/1 and log to MLflow."""
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("export")
+    ckpt = train_tiny_checkpoint(tmp / "run")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("train", artifact_location=str(tmp / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_artifact(str(ckpt), artifact_path="checkpoint")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("tiny")
+    client.create_model_version("tiny", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
+    mlflow.create_experiment("export", artifact_location=str(tmp / "export-artifacts"))  # not ./mlruns in the cwd
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MBIB_DATA_ROOT", str(DATA_ROOT))  # parity images come from the checkpoint's dataset
+        report = export_onnx("models:/tiny/1", tmp / "model.onnx", parity_count=24, mlflow_tracking_uri=uri,
+                             mlflow_experiment="export")
+    return {"report": report, "onnx": tmp / "model.onnx", "ckpt": ckpt, "tmp": tmp, "uri": uri}
+
+
+def test_report_passes_parity_on_real_images_and_is_logged_to_mlflow(exported):
+    import mlflow
+
+    report = exported["report"]
+    assert report["passed"] and report["exporter"] == "dynamo" and report["opset"] == 18
+    assert report["images"] == "dataset:mnist-lt" and report["batch_size"] == 24
+    assert 0 <= report["max_abs_diff_logits"] <= 1e-4 and report["max_abs_diff_logits_batch1"] <= 1e-4
+    assert report["top1_agreement"] == 1.0
+    assert report["output_shapes"] == {"logits": [24, 10], "probs": [24, 10]}
+    run_id = report["mlflow_run_id"]
+    client = mlflow.MlflowClient(exported["uri"])
+    assert {f.path for f in client.list_artifacts(run_id, "onnx")} == {"onnx/model.onnx", "onnx/parity_report.json"}
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx/parity_report.json",
+                                                                  tracking_uri=exported["uri"])).read_text())
+    assert logged["max_abs_diff_logits"] == report["max_abs_diff_logits"]
+
+
+def test_graph_names_dynamic_batch_and_metadata(exported):
+    model = onnx.load(exported["onnx"])
+    onnx.checker.check_model(model)
+    (images,) = model.graph.input
+    assert images.name == "images" and images.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    dims = images.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # symbolic batch, not a baked-in 2
+    assert [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert [o.name for o in model.graph.output] == ["logits", "probs"]
+    for out in model.graph.output:
+        assert out.type.tensor_type.shape.dim[0].dim_param and out.type.tensor_type.shape.dim[1].dim_value == 10
+    meta = {p.key: p.value for p in model.metadata_props}
+    spec = load_checkpoint(exported["ckpt"])["data_spec"]
+    assert json.loads(meta["classes"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["mean"]) == pytest.approx(spec["mean"]) and json.loads(meta["std"]) == pytest.approx(spec["std"])
+    assert meta["image_size"] == "32" and meta["model_name"] == "resnet32" and meta["source"] == "models:/tiny/1"
+    assert meta["model_version"] == "1" and meta["mbib_version"] == __version__ and meta["exporter"] == "dynamo"
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_onnx_runtime_matches_pytorch_ensemble_at_any_batch_size(exported, batch):
+    model, state = model_from_checkpoint(exported["ckpt"])
+    spec = state["data_spec"]
+    x = normalise(digits(batch, "test")[0], spec["mean"], spec["std"])
+    with torch.no_grad():
+        outputs = model(x)
+    expected = ensemble_logits(outputs)
+    # the ensemble really is the mean of the final tap head f and the z head g (Section 4.2)
+    assert torch.allclose(expected, (outputs[model.tap_keys[-1]] + outputs["z"]) / 2)
+    session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
+    logits, probs = session.run(["logits", "probs"], {"images": x.numpy()})
+    assert logits.shape == (batch, 10) and probs.shape == (batch, 10)
+    assert np.abs(logits - expected.numpy()).max() <= 1e-4
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert np.array_equal(probs.argmax(1), expected.argmax(1).numpy())
+
+
+def test_cli_refuses_to_write_when_parity_fails(exported, capsys):
+    out = exported["tmp"] / "refused.onnx"
+    npz = write_parity_npz(exported["tmp"] / "parity.npz")
+    code = main([str(exported["ckpt"]), "--out", str(out), "--parity-npz", str(npz), "--tolerance", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert not list(out.parent.glob(".tmp-*"))  # no half-written temporary file left behind either
+    assert "nothing written" in err[-1] and err[-1].startswith("error: ")
+
+
+def test_missing_parity_images_and_checkpoint_are_one_line_errors(exported, tmp_path, capsys):
+    state = load_checkpoint(exported["ckpt"])
+    state["data_spec"] = {**state["data_spec"], "dataset": "cifar100-lt"}
+    save_checkpoint(state, tmp_path / "ck")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MBIB_DATA_ROOT", str(tmp_path))  # no CIFAR-100 here
+        with pytest.raises(DataError, match="--parity-npz"):
+            export_onnx(tmp_path / "ck", tmp_path / "m.onnx")
+    assert main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()

@@ -1,0 +1,198 @@
+"""The Ray Serve app for real: local Ray, one Serve start per module, HTTP through httpx; no mocks."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving_helpers import digits, normalise, train_tiny_checkpoint, write_parity_npz  # noqa: E402
+
+from mbib.checkpoint import model_from_checkpoint  # noqa: E402
+from mbib.export import export_onnx  # noqa: E402
+from mbib.models import ensemble_logits  # noqa: E402
+from mbib.serving import cuda_present  # noqa: E402
+
+BODY_LIMIT = 200_000
+PIXEL_LIMIT = 1_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from mbib.serving import ServeSettings, build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    ckpt = train_tiny_checkpoint(tmp / "run")
+    export_onnx(ckpt, tmp / "model.onnx", parity_npz=str(write_parity_npz(tmp / "parity.npz")))
+    model, state = model_from_checkpoint(ckpt)
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(model_path=str(tmp / "model.onnx"), num_replicas=1, num_cpus=0.5, max_batch_size=8,
+                             batch_wait_timeout_s=0.01, max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
+    serve.run(build_app(settings), name="mbib", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield {"client": client, "model": model, "spec": state["data_spec"]}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _torch_probs(service, hwc_uint8: np.ndarray) -> np.ndarray:
+    """PyTorch's ensemble probabilities for [N, 32, 32, 3] uint8 pixels, normalised as in training."""
+    x = normalise(torch.from_numpy(hwc_uint8).permute(0, 3, 1, 2), service["spec"]["mean"], service["spec"]["std"])
+    with torch.no_grad():
+        return torch.softmax(ensemble_logits(service["model"](x)), dim=1).numpy()
+
+
+def _assert_matches(predictions: list[dict], expected: np.ndarray, k: int) -> None:
+    assert len(predictions) == k
+    assert predictions[0]["index"] == int(expected.argmax())
+    for p in predictions:  # every returned probability is PyTorch's, and in descending order
+        assert p["label"] == str(p["index"]) and abs(p["probability"] - expected[p["index"]]) < 1e-4
+    assert [p["probability"] for p in predictions] == sorted((p["probability"] for p in predictions), reverse=True)
+
+
+def _healthy(service) -> None:
+    response = service["client"].get("/healthz")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def test_pixels() -> np.ndarray:
+    return digits(6, "test")[0].permute(0, 2, 3, 1).numpy()  # [6, 32, 32, 3] uint8
+
+
+def test_png_and_jpeg_bodies_give_pytorchs_prediction(service, test_pixels):
+    client = service["client"]
+    expected_png = _torch_probs(service, test_pixels)
+    jpegs = [_encode(img, "JPEG", quality=90) for img in test_pixels]
+    decoded = np.stack([np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
+    expected_jpeg = _torch_probs(service, decoded)
+    for i, image in enumerate(test_pixels):
+        response = client.post("/classify", content=_encode(image, "PNG"), headers={"content-type": "image/png"})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"]["name"] == "resnet32" and len(body["model"]["version"]) == 12
+        _assert_matches(body["predictions"], expected_png[i], 5)
+        response = client.post("/classify", params={"top_k": 3}, content=jpegs[i], headers={"content-type": "image/jpeg"})
+        assert response.status_code == 200, response.text
+        _assert_matches(response.json()["predictions"], expected_jpeg[i], 3)
+
+
+def test_multipart_single_and_batch_keep_order(service, test_pixels):
+    client = service["client"]
+    expected = _torch_probs(service, test_pixels)
+    response = client.post("/classify", files={"file": ("d.png", _encode(test_pixels[0], "PNG"), "image/png")})
+    assert response.status_code == 200, response.text
+    _assert_matches(response.json()["predictions"], expected[0], 5)
+    files = [("files", (f"d{i}.png", _encode(img, "PNG"), "image/png")) for i, img in enumerate(test_pixels)]
+    response = client.post("/classify/batch", params={"top_k": 10}, files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == [f"d{i}.png" for i in range(len(test_pixels))]
+    for result, probs in zip(results, expected):
+        _assert_matches(result["predictions"], probs, 10)
+        assert sum(p["probability"] for p in result["predictions"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_grey_rgba_palette_webp_and_any_size_are_accepted(service, test_pixels):
+    client = service["client"]
+    grey = test_pixels[1, :, :, 0]
+    as_rgb = client.post("/classify", content=_encode(np.repeat(grey[:, :, None], 3, 2), "PNG")).json()
+    assert client.post("/classify", content=_encode(grey, "PNG")).json()["predictions"] == as_rgb["predictions"]
+    rgba = np.dstack([test_pixels[1], np.full((32, 32), 255, np.uint8)])  # opaque alpha changes nothing
+    assert client.post("/classify", content=_encode(rgba, "PNG")).json()["predictions"] == as_rgb["predictions"]
+    palette = io.BytesIO()
+    Image.fromarray(grey).convert("P").save(palette, format="PNG")
+    big = np.asarray(Image.fromarray(test_pixels[2]).resize((300, 180)))
+    for body in (palette.getvalue(), _encode(big, "WEBP"), _encode(test_pixels[3, :20, :], "JPEG")):
+        response = client.post("/classify", content=body)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["predictions"]) == 5
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG declaring width x height pixels: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _bad_requests(test_pixels):
+    png = _encode(test_pixels[0], "PNG")
+    zeros = np.zeros((1200, 1000), np.uint8)  # 1.2 Mpx, compresses to a few kB: under the body limit
+    return {
+        "empty body": (400, dict(content=b"")),
+        "not an image": (415, dict(content=b"hello, this is not an image at all")),
+        "truncated png": (400, dict(content=png[: len(png) // 2])),
+        "truncated jpeg": (400, dict(content=_encode(test_pixels[0], "JPEG")[:200])),
+        "bomb over the pixel limit": (413, dict(content=_encode(zeros, "PNG"))),
+        "bomb far over PIL's own limit": (413, dict(content=_png_header_only(100_000, 100_000))),
+        "body over the size limit": (413, dict(content=b"\0" * (BODY_LIMIT + 1))),
+        "unknown multipart field": (422, dict(files={"image": ("d.png", png, "image/png")})),
+        "text multipart field": (422, dict(files={"file": (None, "not a file")})),
+        "top_k zero": (422, dict(content=png, params={"top_k": 0})),
+        "top_k above classes": (422, dict(content=png, params={"top_k": 11})),
+        "top_k not a number": (422, dict(content=png, params={"top_k": "many"})),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests(np.zeros((1, 32, 32, 3), np.uint8))))
+def test_bad_input_gets_status_and_json_error_and_service_stays_up(service, test_pixels, case):
+    status, request = _bad_requests(test_pixels)[case]
+    response = service["client"].post("/classify", **request)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error, str) and error and "\n" not in error
+    _healthy(service)
+
+
+def test_chunked_body_over_limit_is_refused_by_actual_length(service):
+    def chunks():  # no Content-Length: the limit must hold on the bytes that arrive
+        for _ in range(5):
+            yield b"\0" * (BODY_LIMIT // 4)
+    response = service["client"].post("/classify", content=chunks())
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+    response = service["client"].post("/classify/batch", files=[("files", ("x.txt", b"nope", "text/plain"))])
+    assert response.status_code == 415 and response.json()["error"].startswith("x.txt:")
+    _healthy(service)
+
+
+def test_metadata_and_openapi(service):
+    client = service["client"]
+    meta = client.get("/metadata").json()
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["input"]["image_size"] == 32
+    assert meta["input"]["mean"] == pytest.approx(service["spec"]["mean"])
+    gpu = cuda_present() and "CUDAExecutionProvider" in ort.get_available_providers()
+    assert meta["providers"][0] == ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider")  # CUDA asked for only with a GPU
+    assert meta["model"]["source"].endswith("checkpoint.pt")
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/classify", "/classify/batch", "/healthz", "/metadata"} <= set(paths)
+    assert "image/png" in paths["/classify"]["post"]["requestBody"]["content"]
