@@ -55,6 +55,7 @@ def _train_parser(sub) -> None:
 def config_from_args(args: argparse.Namespace):
     from mbib.config import apply_overrides, preset
     from mbib.errors import ConfigError
+    from mbib.train.schedule import scale_schedule
 
     overrides: dict[str, Any] = {}
     for name, (key, _, _) in TRAIN_FLAGS.items():
@@ -67,7 +68,10 @@ def config_from_args(args: argparse.Namespace):
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
-    return apply_overrides(preset(args.preset), overrides)
+    cfg = preset(args.preset)
+    if args.epochs is not None:  # a shorter run keeps the paper's schedule shape: warm-up and milestones scale
+        cfg.optim = scale_schedule(cfg.optim, args.epochs)
+    return apply_overrides(cfg, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ class DataConfig:
     augment: str = "standard"  # "standard" (crop+flip, the paper's) or "strong" (AutoAugment+Cutout, GML's)
     limit_train: int | None = None  # keep only the first N long-tailed training images (smoke runs, tests)
     limit_test: int | None = None
+    loader_workers: int = 8  # DataLoader processes for image-file data sets (ImageNet-LT, iNaturalist)
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 from mbib.data.augment import cifar_augment, normalize
 from mbib.data.datasets import ImageData, load_dataset
-from mbib.data.filelist import FileListDataset, load_filelist_data
+from mbib.data.filelist import FileListData, FileListDataset, load_filelist_data
 from mbib.data.loader import BatchIterator
 from mbib.data.longtail import lt_class_counts
 
 __all__ = ["lt_class_counts", "ImageData", "load_dataset", "cifar_augment", "normalize", "BatchIterator",
-           "FileListDataset", "load_filelist_data"]
+           "FileListData", "FileListDataset", "load_filelist_data"]

@@ -16,6 +16,7 @@ from torch import nn
 
 from mbib import data as mdata
 from mbib.config import TrainConfig
+from mbib.data.filelist import FILE_LISTS, IMAGENET_MEAN, IMAGENET_STD
 from mbib.errors import ConfigError
 from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion
 from mbib.metrics import shot_groups
@@ -56,9 +57,20 @@ def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     return {"name": cfg.model.arch, "num_classes": num_classes, "options": options}
 
 
-def data_spec(d: mdata.ImageData) -> dict[str, Any]:
-    return {"dataset": d.name, "classes": list(d.classes), "mean": list(d.mean), "std": list(d.std),
-            "image_size": int(d.x_test.shape[-1]), "class_counts": list(map(int, d.class_counts))}
+Data = mdata.ImageData | mdata.FileListData  # in-memory tensors (CIFAR, MNIST, npz) or image files (ImageNet-LT)
+
+
+def class_names(d: Data) -> list[str]:
+    return list(d.classes) if isinstance(d, mdata.ImageData) else [str(i) for i in range(d.num_classes)]
+
+
+def data_spec(d: Data) -> dict[str, Any]:
+    if isinstance(d, mdata.ImageData):
+        mean, std, size = d.mean, d.std, int(d.x_test.shape[-1])
+    else:
+        mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
+    return {"dataset": d.name, "classes": class_names(d), "mean": list(mean), "std": list(std),
+            "image_size": size, "class_counts": list(map(int, d.class_counts))}
 
 
 def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:
@@ -66,7 +78,9 @@ def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:
     return {"beta": loss.beta, "a": loss.a, "b": loss.b, "m": loss.m, "gamma": loss.gamma, "drw_epoch": loss.drw_epoch}
 
 
-def load_data(cfg: TrainConfig) -> mdata.ImageData:
+def load_data(cfg: TrainConfig) -> Data:
+    if cfg.data.dataset in FILE_LISTS:
+        return mdata.load_filelist_data(cfg.data.dataset, cfg.data.data_root)
     d = mdata.load_dataset(cfg.data.dataset, data_root=cfg.data.data_root,
                            imbalance_factor=cfg.data.imbalance_factor, seed=cfg.runtime.seed)
     return limit_data(d, cfg.data.limit_train, cfg.data.limit_test)
@@ -102,7 +116,7 @@ class EvalResult:
 @dataclass
 class Engine:
     cfg: TrainConfig
-    data: mdata.ImageData
+    data: Data
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -115,7 +129,8 @@ class Engine:
     def __post_init__(self) -> None:
         cfg = self.cfg
         self.opts = device_options(self.device, cfg.runtime.amp, cfg.runtime.channels_last)
-        num_classes = len(self.data.classes)
+        self.classes = class_names(self.data)
+        num_classes = len(self.classes)
         self.spec = model_spec(cfg, num_classes)
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every worker
         self.base = build_model(self.spec["name"], num_classes, **self.spec["options"])
@@ -135,9 +150,8 @@ class Engine:
         o = cfg.optim
         self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay)
-        self.batches = mdata.BatchIterator(self.data.x_train, self.data.y_train, batch_size=self.local_batch,
-                                           shuffle=True, seed=cfg.runtime.seed, rank=self.rank,
-                                           world_size=self.world_size, drop_last=False)
+        self.in_memory = isinstance(self.data, mdata.ImageData)
+        self.batches = self._train_batches()
         self.steps_per_epoch = len(self.batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor((step + 1) / self.steps_per_epoch, o))
@@ -145,8 +159,36 @@ class Engine:
         from mbib.data.strong_augment import AUGMENTATIONS  # imported lazily: strong augmentation pulls in v2 transforms
 
         self.augment = AUGMENTATIONS[cfg.data.augment]
-        self.mean = torch.tensor(self.data.mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(self.data.std, device=self.device).view(1, -1, 1, 1)
+
+    def _train_batches(self):
+        """uint8 batches to augment on the device, or a DataLoader of decoded files (DDP-sharded either way)."""
+        seed = self.cfg.runtime.seed
+        if self.in_memory:
+            return mdata.BatchIterator(self.data.x_train, self.data.y_train, batch_size=self.local_batch,
+                                       shuffle=True, seed=seed, rank=self.rank, world_size=self.world_size)
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        sampler = DistributedSampler(self.data.train, num_replicas=self.world_size, rank=self.rank, seed=seed)
+        loader = DataLoader(self.data.train, batch_size=self.local_batch, sampler=sampler,
+                            num_workers=self.cfg.data.loader_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=self.cfg.data.loader_workers > 0)
+        loader.set_epoch = sampler.set_epoch
+        return loader
+
+    def _test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised test images of this worker's shard (every world_size-th image)."""
+        if self.in_memory:
+            idx = torch.arange(self.rank, len(self.data.y_test), self.world_size)
+            for start in range(0, len(idx), batch_size):
+                sel = idx[start:start + batch_size]
+                x = mdata.normalize(self._to_device(self.data.x_test[sel]), self.data.mean, self.data.std)
+                yield x, self.data.y_test[sel].to(self.device)
+            return
+        from torch.utils.data import DataLoader, Subset
+
+        shard = Subset(self.data.test, range(self.rank, len(self.data.test), self.world_size))
+        for x, y in DataLoader(shard, batch_size=batch_size, num_workers=self.cfg.data.loader_workers):
+            yield self._to_device(x), y.to(self.device)
 
     @property
     def local_batch(self) -> int:
@@ -165,7 +207,9 @@ class Engine:
         gen = torch.Generator(device=self.device).manual_seed(
             self.cfg.runtime.seed * 1_000_003 + epoch * 1_009 + self.rank)
         for x, y in self.batches:
-            x = self.augment(self._to_device(x), self.data.mean, self.data.std, generator=gen)
+            x = self._to_device(x)
+            if self.in_memory:
+                x = self.augment(x, self.data.mean, self.data.std, generator=gen)
             yield x, y.to(self.device, non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -206,14 +250,10 @@ class Engine:
     def evaluate(self, batch_size: int = 500) -> EvalResult:
         """Balanced test set, sharded across workers; confusion matrices are summed so every worker agrees."""
         self.net.eval()
-        k = len(self.data.classes)
-        idx = torch.arange(self.rank, len(self.data.y_test), self.world_size)
+        k = len(self.classes)
         conf = torch.zeros(k, k, dtype=torch.float64, device=self.device)
         head_correct: dict[str, torch.Tensor] = {}
-        for start in range(0, len(idx), batch_size):
-            sel = idx[start:start + batch_size]
-            x = mdata.normalize(self._to_device(self.data.x_test[sel]), self.data.mean, self.data.std)
-            y = self.data.y_test[sel].to(self.device)
+        for x, y in self._test_batches(batch_size):
             with self._autocast():
                 outputs = {h: v.float() for h, v in self.net(x).items()}
             pred = ensemble_logits(outputs).argmax(1)

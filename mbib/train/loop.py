@@ -92,7 +92,9 @@ def _progress(rank: int, cfg: TrainConfig, start: int):
         return None
     from ray.experimental.tqdm_ray import tqdm
 
-    return tqdm(total=cfg.optim.epochs, initial=start, desc=f"{cfg.loss.method} {cfg.data.dataset}")
+    bar = tqdm(total=cfg.optim.epochs, desc=f"{cfg.loss.method} {cfg.data.dataset}")
+    bar.update(start)  # Ray's tqdm has no `initial`
+    return bar
 
 
 def _tick(bar, metrics: dict) -> None:

@@ -18,7 +18,7 @@ from mbib import tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig
 from mbib.errors import MBIBError, TrainingError
-from mbib.train.engine import load_data
+from mbib.train.engine import class_names, load_data
 from mbib.train.loop import train_loop_per_worker
 
 
@@ -70,10 +70,11 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
-    storage = Path(cfg.runtime.storage_path or "mbib_runs").resolve()
+    storage = cfg.runtime.storage_path or "mbib_runs"
+    storage = storage if "://" in storage else str(Path(storage).resolve())  # keep s3:// and gs:// URIs as given
     run_config = ray.train.RunConfig(
         name=cfg.run_name,
-        storage_path=str(storage),
+        storage_path=storage,
         failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="acc",
                                                      checkpoint_score_order="max"),
@@ -120,8 +121,8 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(exp_id, tags=tags).info.run_id
-        tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": len(data.classes),
-                                             "train_images": len(data.y_train)})
+        tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": len(class_names(data)),
+                                             "train_images": sum(data.class_counts)})
     callbacks = [MLflowReportCallback(uri, run_id)] if track else []
     try:
         result = build_trainer(cfg, callbacks).fit()
