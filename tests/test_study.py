@@ -1,0 +1,153 @@
+"""Studies on a real local Ray (each study driver in its own process, as `python studies/cifar_grid.py` runs)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _driver(tmp_path, *args, env=None):
+    e = dict(os.environ, **(env or {}))
+    e.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(REPO / "studies" / "cifar_grid.py"), "--smoke", "--storage-path", str(tmp_path / "runs"),
+           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "t", *args]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=open(tmp_path / "driver.log", "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    proc = _driver(tmp, "--num-samples", "2")
+    assert proc.wait(timeout=900) == 0, (tmp / "driver.log").read_text()[-3000:]
+    return tmp
+
+
+def test_smoke_study_logs_parent_child_runs_plots_and_registers(smoke):
+    from mbib.study import SEARCH_SPACE, load_registered_checkpoint
+    from mbib.checkpoint import model_from_checkpoint
+
+    out = (smoke / "driver.log").read_text()
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    client = _client(smoke)
+    exp = client.get_experiment_by_name("t-smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2 and len(children) >= 4
+    for p in parents:
+        kids = [c for c in children if c.data.tags["mlflow.parentRunId"] == p.info.run_id]
+        assert len(kids) == 2 and len({c.data.tags["mbib.trial_id"] for c in kids}) == 2
+        for c in kids:
+            assert set(SEARCH_SPACE) <= set(c.data.params) and "train_total" in c.data.metrics
+        arts = {a.path for a in client.list_artifacts(p.info.run_id, "plots")}
+        assert {f"plots/{n}.png" for n in ("best_so_far", "beta_curve", "ab_heatmap", "importances")} <= arts
+        assert "best_acc" in p.data.metrics and "best_beta" in p.data.params
+        # Optuna proposed the trials: the first is the paper's point, the second TPE's seeded proposal
+        tried = [{k: float(c.data.params[k]) for k in SEARCH_SPACE} for c in kids]
+        paper = {"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}
+        tpe = {k: round(v, 6) for k, v in _tpe_proposals(seed=0, n=1)[0].items()}
+        assert sorted(map(str, [{k: round(v, 6) for k, v in t.items()} for t in tried])) == \
+            sorted(map(str, [paper, tpe]))
+        name, version = p.data.tags["mbib.registered_model"], p.data.tags["mbib.registered_version"]
+        model, state = model_from_checkpoint(load_registered_checkpoint(name, version, f"sqlite:///{smoke / 'mlflow.db'}"))
+        assert state["model_spec"]["num_classes"] == 10
+
+
+def _tpe_proposals(seed, n):
+    """What a seeded TPE sampler proposes after the enqueued paper point (its start-up phase samples at random)."""
+    import optuna
+
+    from mbib.study import SEARCH_SPACE
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial({"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0})
+    dists = {k: optuna.distributions.FloatDistribution(lo, hi) for k, (lo, hi) in SEARCH_SPACE.items()}
+    study.ask(fixed_distributions=dists)
+    return [study.ask(fixed_distributions=dists).params for _ in range(n)]
+
+
+def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
+    proc = _driver(tmp_path, "--num-samples", "3", "--max-concurrent", "1")
+    client, deadline = None, time.time() + 600
+    while time.time() < deadline:  # kill the driver once the first trial's child run has finished
+        time.sleep(3)
+        if (tmp_path / "mlflow.db").exists():
+            client = client or _client(tmp_path)
+            exp = client.get_experiment_by_name("t-smoke")
+            if exp and client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''"):
+                break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''")}
+    assert finished_before
+    assert _driver(tmp_path, "--resume").wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2
+    ids = [r.data.tags["mbib.trial_id"] for r in kids]
+    assert len(ids) == len(set(ids)) == 6  # 3 trials per data set, no duplicate child runs
+    for tid, end in finished_before.items():  # finished trials were not rerun
+        assert next(r for r in kids if r.data.tags["mbib.trial_id"] == tid).info.end_time == end
+
+
+CLUSTER_SCRIPT = r"""
+import json, os, sys
+from ray.cluster_utils import Cluster
+import ray
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                        "dashboard_port": int(sys.argv[2])})
+nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{sys.argv[2]}"
+ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}})
+from mbib import study
+spec = study.StudySpec(name="c", preset="cifar100-lt", datasets=study.smoke_datasets()[-1:],
+                       overrides=dict(study.SMOKE_OVERRIDES, **{"optim.epochs": 1, "data.limit_train": 64}),
+                       num_samples=2, max_concurrent=2, storage_path=sys.argv[1] + "/runs",
+                       tracking_uri=f"sqlite:///{sys.argv[1]}/mlflow.db")
+out = study.run_study(spec)
+print("NODES", json.dumps({"workers": [r.worker_nodes for r in out[0].rows],
+                           "cluster": [n.node_id for n in nodes]}))
+"""
+
+
+def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
+    from mbib.study import _free_port
+
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path), str(_free_port())], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("NODES ")), None)
+    assert line, res.stdout[-2000:] + res.stderr[-3000:]
+    info = json.loads(line[6:])
+    assert set(info["workers"]) == set(info["cluster"])  # one 1-CPU trial on each worker node
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["docker"]["image"].startswith("rayproject/ray:") and config["docker"]["image"].endswith("-py311-gpu")
+    assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
+    assert any("mlflow server" in c for c in config["head_start_ray_commands"])
