@@ -45,7 +45,7 @@ def test_smoke_study_logs_parent_child_runs_plots_and_registers(smoke):
     out = (smoke / "driver.log").read_text()
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     client = _client(smoke)
-    exp = client.get_experiment_by_name("t-smoke")
+    exp = client.get_experiment_by_name("t")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -89,7 +89,7 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
         time.sleep(3)
         if (tmp_path / "mlflow.db").exists():
             client = client or _client(tmp_path)
-            exp = client.get_experiment_by_name("t-smoke")
+            exp = client.get_experiment_by_name("t")
             if exp and client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''"):
                 break
     os.killpg(proc.pid, signal.SIGKILL)
