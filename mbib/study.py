@@ -490,12 +490,16 @@ def load_registered_checkpoint(name: str, version: str | int = "latest", trackin
                                dst_path: str | os.PathLike | None = None) -> Path:
     """Download a registered study model and return its checkpoint.pt (what `mbib export models:/NAME/V` reads)."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     uri = tracking.tracking_uri(tracking_uri)
     dst = str(dst_path or tempfile.mkdtemp(prefix="mbib-model-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst,
-                                                         tracking_uri=uri, registry_uri=uri))
+    try:  # resolve through a client on `uri`: models:/ URIs alone would go to the process-wide registry
+        client = MlflowClient(uri, registry_uri=uri)
+        if str(version) == "latest":
+            version = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        source = client.get_model_version_download_uri(name, str(version))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=uri))
     except Exception as exc:  # MLflow raises several types for unknown names and versions
         raise ConfigError(f"cannot load models:/{name}/{version} from {uri} ({type(exc).__name__}): "
                           "check the name, version and --tracking-uri") from None

@@ -83,15 +83,15 @@ def _tpe_proposals(seed, n):
 
 
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
+    client = _client(tmp_path)
+    client.search_experiments()  # create the store's tables here: two processes creating them at once collide
     proc = _driver(tmp_path, "--num-samples", "3", "--max-concurrent", "1")
-    client, deadline = None, time.time() + 600
+    deadline = time.time() + 600
     while time.time() < deadline:  # kill the driver once the first trial's child run has finished
         time.sleep(3)
-        if (tmp_path / "mlflow.db").exists():
-            client = client or _client(tmp_path)
-            exp = client.get_experiment_by_name("t")
-            if exp and client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''"):
-                break
+        exp = client.get_experiment_by_name("t")
+        if exp and client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''"):
+            break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished_before = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
