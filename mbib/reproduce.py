@@ -1,0 +1,694 @@
+"""Reproduction of the paper's CIFAR-100-LT results (Table 1, 4, 5; Figure 3; Appendix D) as one resumable command.
+
+Every cell (one method at one IF, or one ablation setting) trains through `run_training` and is recorded in a
+JSON state file next to the report as soon as it finishes, so a rerun skips finished cells. The report is
+rebuilt from the state file on every run; text between the notes markers of an existing report is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mbib.config import TrainConfig, apply_overrides, preset
+from mbib.errors import ConfigError, MBIBError
+
+EXPERIMENT = "reproduction"
+DEFAULT_METHODS = ("ce", "focal", "bsce", "ldam-drw", "bib", "mbib", "gml", "mbib-gml")
+DEFAULT_IFS = (100.0, 50.0, 10.0)
+PAPER_EPOCHS = 200
+NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
+
+# Table 1: overall top-1 (%) of ResNet-32 on CIFAR-100-LT, 200 epochs; the paper publishes no shot split there
+PAPER_TABLE1: dict[str, dict[float, float]] = {
+    "ce": {100: 38.3, 50: 43.9, 10: 55.7},
+    "focal": {100: 38.4, 50: 44.3, 10: 55.8},
+    "ldam-drw": {100: 42.0, 50: 46.6, 10: 58.7},
+    "bsce": {100: 42.7, 50: 47.2, 10: 58.5},
+    "bib": {100: 44.9, 50: 49.8, 10: 60.4},
+    "mbib": {100: 47.5, 50: 51.2, 10: 60.9},
+    "gml": {100: 53.0, 50: 57.6, 10: 65.7},  # GML's own published numbers (Suh & Seo, 2023), not Table 1
+}
+# Table 4: MBIB overall accuracy (%) at IF 100 by number of observations v (4-MBIB(x), 46.8, is not run)
+PAPER_TABLE4 = {2: 45.2, 3: 46.6, 4: 46.9, 5: 46.1, 6: 45.4}
+# Table 5: rho on the CIFAR-100-LT (IF 100) test set, (many, medium, few, all)
+PAPER_TABLE5 = {
+    ("bsce", "v"): (1.26, 1.30, 1.48, 1.34),
+    ("bib", "v"): (0.94, 1.06, 1.37, 1.06),
+    ("bib", "z"): (0.80, 0.91, 1.15, 0.91),
+    ("mbib", "v"): (1.01, 1.04, 1.31, 1.09),
+    ("mbib", "z"): (0.78, 0.86, 1.02, 0.86),
+}
+PAPER_DATASETS = ("cifar100-lt",)  # the only data set whose paper numbers these are
+# GML's published results use AutoAugment + Cutout; the other methods use the paper's crop + flip
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"gml": {"data.augment": "strong"},
+                                                "mbib-gml": {"data.augment": "strong"}}
+ORDER_CHAIN = ("ce", "bsce", "bib", "mbib")  # the ordering Table 1 shows: CE < BSCE < BIB < MBIB
+RHO_METHODS = ("bsce", "bib", "mbib")
+POSTERIOR_METHODS = ("ce", "bsce", "bib", "mbib")
+BETAS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+TAPS = (2, 3, 4, 5, 6)
+ANALYSIS_IF = 100.0  # Table 4, Table 5 and Figure 3 are at IF 100
+NON_RESULT_KEYS = ("runtime.storage_path", "runtime.show_progress")  # may differ between resumed runs
+SHOTS = ("overall", "many", "medium", "few")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the reproduction: a method at an IF with extra config overrides."""
+
+    key: str  # the state-file key, e.g. "grid/bib/IF100"
+    method: str
+    imbalance_factor: float
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    dataset: str
+    epochs: int
+    seed: int
+    methods: tuple[str, ...]
+    ifs: tuple[float, ...]
+    overrides: dict[str, str]
+    rho: bool = False
+    posterior: bool = False
+    beta_ablation: bool = False
+    taps_ablation: bool = False
+
+    @property
+    def tag(self) -> str:
+        """File stem: reproduction-<epochs>ep for CIFAR-100-LT, reproduction-<dataset>-<epochs>ep otherwise."""
+        if self.dataset == "cifar100-lt":
+            return f"reproduction-{self.epochs}ep"
+        name = Path(self.dataset[4:]).stem if self.dataset.startswith("npz:") else self.dataset
+        return f"reproduction-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{self.epochs}ep"
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the numbers: a resumed grid must match it."""
+        kept = {k: v for k, v in sorted(self.overrides.items()) if k not in NON_RESULT_KEYS}
+        return {"dataset": self.dataset, "epochs": self.epochs, "seed": self.seed, "overrides": kept}
+
+
+def if_label(imbalance_factor: float) -> str:
+    return f"IF{imbalance_factor:g}"
+
+
+def grid_cell(method: str, imbalance_factor: float) -> Cell:
+    return Cell(f"grid/{method}/{if_label(imbalance_factor)}", method, imbalance_factor,
+                tuple(sorted(METHOD_OVERRIDES.get(method, {}).items())))
+
+
+def beta_cell(method: str, beta: float) -> Cell:
+    if beta == TrainConfig().loss.beta:
+        return grid_cell(method, ANALYSIS_IF)  # the grid already trains the default beta
+    return Cell(f"beta/{method}/beta{beta:g}", method, ANALYSIS_IF, (("loss.beta", beta),))
+
+
+def taps_cell(n: int) -> Cell:
+    a = 0.0 if n == 2 else 0.3  # Table 4: a = 0 in 2-MBIB, a = b = 0.3 in the others
+    return Cell(f"taps/{n}", "mbib", ANALYSIS_IF, (("loss.a", a), ("loss.b", 0.3), ("model.num_taps", n)))
+
+
+def plan_cells(plan: Plan) -> list[Cell]:
+    """Every cell the requested tables need, in training order, without duplicates."""
+    cells = [grid_cell(m, f) for m in plan.methods for f in plan.ifs]
+    if plan.rho:
+        cells += [grid_cell(m, ANALYSIS_IF) for m in RHO_METHODS]
+    if plan.posterior:
+        cells += [grid_cell(m, ANALYSIS_IF) for m in POSTERIOR_METHODS]
+    if plan.beta_ablation:
+        cells += [beta_cell(m, b) for m in ("bib", "mbib") for b in BETAS]
+    if plan.taps_ablation:
+        cells += [taps_cell(n) for n in TAPS]
+    return list({c.key: c for c in cells}.values())
+
+
+def base_config(plan: Plan) -> TrainConfig:
+    """Section 4.2's CIFAR-100-LT setup on the chosen data, schedule scaled to plan.epochs."""
+    from mbib.train.schedule import scale_schedule
+
+    cfg = preset("cifar100-lt")
+    ratio = plan.epochs / cfg.optim.epochs
+    cfg.optim = scale_schedule(cfg.optim, plan.epochs)
+    # LDAM-DRW's re-weighting starts at the first lr drop (160 of 200), so it moves with the milestones
+    drw = max(1, round(cfg.loss.drw_epoch * ratio))
+    return apply_overrides(cfg, {"data.dataset": plan.dataset, "model.arch": "resnet32", "runtime.seed": plan.seed,
+                                 "loss.drw_epoch": drw, "experiment": EXPERIMENT})
+
+
+def cell_config(plan: Plan, base: TrainConfig, cell: Cell) -> TrainConfig:
+    """The cell's settings over the base, then the user's --set values over both."""
+    run_name = f"{plan.tag}-{cell.key.replace('/', '-')}-{uuid.uuid4().hex[:6]}"
+    return apply_overrides(base, {"loss.method": cell.method, "data.imbalance_factor": cell.imbalance_factor,
+                                  **dict(cell.overrides), **plan.overrides, "run_name": run_name})
+
+
+# --------------------------------------------------------------------------- state
+
+
+class State:
+    """The JSON record of finished cells and analyses; written atomically after every change."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self.path = path
+        if path.is_file():
+            self.data = json.loads(path.read_text())
+            if self.data.get("settings") != settings:
+                raise ConfigError(f"{path} was written with other settings ({self.data.get('settings')}): "
+                                  "rerun with those, or pass another --out / delete the file")
+        else:
+            self.data = {"settings": settings, "cells": {}, "analyses": {}, "machines": [], "commands": []}
+
+    @property
+    def cells(self) -> dict[str, dict[str, Any]]:
+        return self.data["cells"]
+
+    @property
+    def analyses(self) -> dict[str, Any]:
+        return self.data["analyses"]
+
+    def note_invocation(self, command: str, machine: dict[str, Any]) -> None:
+        if machine not in self.data["machines"]:
+            self.data["machines"].append(machine)
+        self.data["commands"].append(command)
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_json_safe(self.data), indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN (a shot group without classes) becomes null, which JSON can hold."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def machine_info() -> dict[str, Any]:
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "device": device}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def shots_of(metrics: dict[str, Any]) -> dict[str, float | None]:
+    return {"overall": metrics.get("acc"), "many": metrics.get("many"), "medium": metrics.get("medium"),
+            "few": metrics.get("few")}
+
+
+def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | None,
+               parent_run_id: str | None) -> dict[str, Any]:
+    from mbib.train.runner import run_training
+
+    cfg = cell_config(plan, base, cell)
+    start = time.perf_counter()
+    out = run_training(cfg, track=tracking_uri is not None, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    best = out.best_metrics or out.metrics
+    return {"method": cell.method, "imbalance_factor": cell.imbalance_factor, "overrides": dict(cell.overrides),
+            "final": shots_of(out.metrics), "best": shots_of(best), "best_epoch": int(best.get("epoch", -1)) + 1,
+            "epochs": cfg.optim.epochs, "seed": cfg.runtime.seed, "wall_s": time.perf_counter() - start,
+            "checkpoint": str(out.best_checkpoint) if out.best_checkpoint else None,
+            "mlflow_run_id": out.mlflow_run_id, "run_name": cfg.run_name,
+            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def parent_run(state: State, plan: Plan, tracking_uri: str) -> str:
+    """One MLflow parent run per report, reused when the grid resumes against the same store."""
+    from mlflow.tracking import MlflowClient
+
+    from mbib import tracking
+
+    client = MlflowClient(tracking_uri)
+    known = state.data.get("mlflow", {})
+    if known.get("tracking_uri") == tracking_uri:
+        try:
+            return client.get_run(known["parent_run_id"]).info.run_id
+        except Exception:  # the store was wiped since: start a new parent
+            pass
+    exp_id = tracking.get_or_create_experiment(client, EXPERIMENT)
+    run_id = client.create_run(exp_id, tags={"mlflow.runName": plan.tag}).info.run_id
+    tracking.log_params(client, run_id, {"dataset": plan.dataset, "epochs": plan.epochs, "seed": plan.seed,
+                                         **{f"set.{k}": v for k, v in plan.overrides.items()}})
+    state.data["mlflow"] = {"tracking_uri": tracking_uri, "parent_run_id": run_id}
+    state.save()
+    return run_id
+
+
+def fmt_shots(s: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {fmt(s.get(k))}" for k in SHOTS)
+
+
+def fmt(v: Any, digits: int = 1) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | None) -> None:
+    base = base_config(plan)
+    parent = parent_run(state, plan, tracking_uri) if tracking_uri else None
+    for i, cell in enumerate(cells, 1):
+        head = f"[{i}/{len(cells)}] {cell.key}"
+        if cell.key in state.cells:
+            print(f"{head}: finished earlier, skipped ({fmt_shots(state.cells[cell.key]['final'])})", flush=True)
+            continue
+        print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs ...", flush=True)
+        record = train_cell(plan, base, cell, tracking_uri, parent)
+        state.cells[cell.key] = record
+        state.save()
+        print(f"{head}: done in {record['wall_s']:.0f} s: {fmt_shots(record['final'])}", flush=True)
+
+
+# --------------------------------------------------------------------------- analyses (Sections 4.4-4.6)
+
+
+@torch.no_grad()
+def test_set_outputs(checkpoint: str, cfg: TrainConfig, batch_size: int = 500):
+    """The checkpoint's model on the balanced test set of cfg: (features, logits, labels, class_counts, taps)."""
+    from mbib.checkpoint import model_from_checkpoint
+    from mbib.data import normalize
+    from mbib.train.engine import load_data
+
+    model, _ = model_from_checkpoint(checkpoint)
+    data = load_data(cfg)
+    feats: dict[str, list[torch.Tensor]] = {}
+    logits: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(data.y_test), batch_size):
+        x = normalize(data.x_test[start:start + batch_size], data.mean, data.std)
+        for store, out in ((feats, model.features(x)), (logits, model(x))):
+            for k, v in out.items():
+                store.setdefault(k, []).append(v.float())
+    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
+    return cat(feats), cat(logits), data.y_test, list(data.class_counts), model.tap_keys
+
+
+def rho_of(checkpoint: str, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """Table 5: grouped rho (Eq. 15-17) of the final observation v and, where the model has it, of z."""
+    from mbib.metrics import grouped_representation_ratio
+
+    feats, _, labels, counts, tap_keys = test_set_outputs(checkpoint, cfg)
+    wanted = {"v": tap_keys[-1]} if tap_keys else {}
+    if "z" in feats:
+        wanted["z"] = "z"
+    out = {}
+    for name, key in wanted.items():
+        grouped = grouped_representation_ratio(feats[key], labels, counts)
+        out[name] = {g: grouped[g]["rho"] for g in ("many", "medium", "few", "all")}
+    return out
+
+
+def posterior_of(checkpoint: str, cfg: TrainConfig) -> list[float]:
+    """Appendix D / Eq. 14: mean positive posterior per class of the prediction (ensemble of v and z)."""
+    from mbib.metrics import mean_positive_posterior
+    from mbib.models import ensemble_logits
+
+    _, logits, labels, counts, _ = test_set_outputs(checkpoint, cfg)
+    probs = ensemble_logits(logits).softmax(dim=1)
+    return mean_positive_posterior(probs, labels, len(counts)).tolist()
+
+
+def run_analyses(plan: Plan, state: State) -> None:
+    """Compute (once, then kept in the state) the statistics the finished checkpoints support."""
+    base = base_config(plan)
+    jobs = []
+    if plan.rho:
+        jobs += [("rho", m, rho_of) for m in RHO_METHODS]
+    if plan.posterior:
+        jobs += [("posterior", m, posterior_of) for m in POSTERIOR_METHODS]
+    for kind, method, fn in jobs:
+        done = state.analyses.setdefault(kind, {})
+        record = state.cells.get(grid_cell(method, ANALYSIS_IF).key)
+        if method in done or record is None or not record.get("checkpoint"):
+            continue
+        if not Path(record["checkpoint"]).is_file():
+            print(f"{kind} of {method}: checkpoint {record['checkpoint']} is gone; retrain by deleting its cell "
+                  f"from {state.path}", flush=True)
+            continue
+        print(f"{kind}: {method} on the test set ...", flush=True)
+        # the data come from the cell's own settings, as in training (checkpoint configs may be older)
+        done[method] = fn(record["checkpoint"], cell_config(plan, base, grid_cell(method, ANALYSIS_IF)))
+        state.save()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def paper_number(plan: Plan, method: str, imbalance_factor: float) -> float | None:
+    if plan.dataset not in PAPER_DATASETS:
+        return None
+    return PAPER_TABLE1.get(method, {}).get(imbalance_factor)
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def grid_rows(plan: Plan, state: State) -> list[list[str]]:
+    rows = []
+    for m in plan.methods:
+        for f in plan.ifs:
+            rec = state.cells.get(grid_cell(m, f).key)
+            paper = paper_number(plan, m, f)
+            if rec is None:
+                rows.append([m, f"{f:g}", "not run yet", "", "", "", fmt_paper(paper), "", "", "", ""])
+                continue
+            s = rec["final"]
+            diff = f"{s['overall'] - paper:+.1f}" if paper is not None and s["overall"] is not None else "n/a"
+            rows.append([m, f"{f:g}", *(fmt(s[k]) for k in SHOTS), fmt_paper(paper), diff,
+                         f"{fmt(rec['best']['overall'])} (ep {rec['best_epoch']})", str(rec["seed"]),
+                         f"{rec['wall_s']:.0f}"])
+    return rows
+
+
+def fmt_paper(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def ordering_lines(plan: Plan, state: State) -> list[str]:
+    """Does CE < BSCE < BIB < MBIB (overall) hold at each IF, and what do the few-shot classes gain?"""
+    lines = []
+    for f in plan.ifs:
+        recs = {m: state.cells[grid_cell(m, f).key]["final"] for m in ORDER_CHAIN
+                if grid_cell(m, f).key in state.cells}
+        if len(recs) < 2:
+            continue
+        chain = list(recs)
+        values = [recs[m]["overall"] for m in chain]
+        holds = all(a < b for a, b in zip(values, values[1:]))
+        order = " < ".join(f"{m.upper()} {fmt(v)}" for m, v in sorted(zip(chain, values), key=lambda t: t[1]))
+        lines.append(f"- IF {f:g}: paper's order {' < '.join(c.upper() for c in chain)} "
+                     f"**{'holds' if holds else 'does not hold'}**; measured {order}.")
+        few = {m: recs[m]["few"] for m in chain}
+        if all(v is None or math.isnan(v) for v in few.values()):
+            lines.append("  No few-shot classes (< 20 training images) at this IF.")
+        else:
+            first, last = chain[0], chain[-1]
+            gain = (f"; {last.upper()} − {first.upper()} = {few[last] - few[first]:+.1f} points"
+                    if few[first] is not None and few[last] is not None else "")
+            listed = ", ".join(f"{m.upper()} {fmt(v)}" for m, v in few.items())
+            lines.append(f"  Few-shot accuracy: {listed}{gain}.")
+    return lines
+
+
+def rho_section(plan: Plan, state: State) -> list[str]:
+    done = state.analyses.get("rho", {})
+    rows = []
+    for m in RHO_METHODS:
+        for feat, vals in done.get(m, {}).items():
+            paper = PAPER_TABLE5.get((m, feat)) if plan.dataset in PAPER_DATASETS else None
+            rows.append([f"{m.upper()}_{feat}", *(fmt(vals[g], 2) for g in ("many", "medium", "few", "all")),
+                         " / ".join(f"{p:.2f}" for p in paper) if paper else "n/a"])
+    if not rows:
+        return ["Not computed yet (needs BSCE, BIB and MBIB at IF 100)."]
+    return ["rho = D_intra / D_inter (Eq. 15-17) of the test-set representations; smaller is better. v is the final",
+            "observation (GAP'd last stage), z the bottleneck. Computed on the kept (best-accuracy) checkpoint.", "",
+            *_table(["Features", "Many", "Medium", "Few", "All", "Paper (many / medium / few / all)"], rows)]
+
+
+def posterior_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
+    done = state.analyses.get("posterior", {})
+    if not done:
+        return ["Not computed yet (needs CE, BSCE, BIB and MBIB at IF 100)."]
+    png = out_dir / f"{plan.tag}-posterior.png"
+    plot_posterior(done, png)  # classes of long-tailed sets are numbered head -> tail (lt_class_counts)
+    rows = [[m.upper(), fmt(_mean(v), 3), fmt(_mean(v[: len(v) // 3]), 3), fmt(_mean(v[-(len(v) // 3):]), 3)]
+            for m, v in done.items()]
+    return [f"![mean positive posterior]({png.name})", "",
+            "Mean positive posterior q̄(y_i|x) (Eq. 14) per class on the test set, classes ordered by training size",
+            "(head left); the lower panels are the differences Appendix D plots (BIB−CE, BIB−BSCE, MBIB−BIB).",
+            "",
+            *_table(["Method", "Mean over classes", "Head third", "Tail third"], rows)]
+
+
+def _mean(v: Sequence[float | None]) -> float:
+    vals = [x for x in v if x is not None and not math.isnan(x)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def plot_posterior(done: dict[str, list[float]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diffs = [(a, b) for a, b in (("bib", "ce"), ("bib", "bsce"), ("mbib", "bib")) if a in done and b in done]
+    fig, axes = plt.subplots(2, max(len(done), len(diffs), 1), figsize=(4 * max(len(done), 3), 6), dpi=100,
+                             squeeze=False)
+    for ax, (m, v) in zip(axes[0], done.items()):
+        ax.bar(range(len(v)), [x or 0.0 for x in v], width=1.0)
+        ax.set_title(f"{m.upper()}: q̄(y_i|x)")
+        ax.set_ylim(0, 1)
+    for ax, (a, b) in zip(axes[1], diffs):
+        d = [(x or 0.0) - (y or 0.0) for x, y in zip(done[a], done[b])]
+        ax.bar(range(len(d)), d, width=1.0, color=["tab:green" if x >= 0 else "tab:red" for x in d])
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(f"{a.upper()} − {b.upper()}")
+    for ax in axes.flat:
+        ax.set_xlabel("class (most training images left)")
+        if not ax.has_data():
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def beta_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
+    rows, series = [], {}
+    for m in ("bib", "mbib"):
+        vals = [state.cells.get(beta_cell(m, b).key, {}).get("final", {}).get("overall") for b in BETAS]
+        series[m] = vals
+        rows.append([m.upper(), *(fmt(v) for v in vals)])
+    lines = [*_table(["Method", *(f"β={b:g}" for b in BETAS)], rows), "",
+             "Overall accuracy at IF 100 (a = 0.1, b = 0.3 as in Figure 3). Figure 3 gives its values only as a plot,",
+             "so there are no published numbers to set beside these."]
+    if any(v is not None for vals in series.values() for v in vals):
+        png = out_dir / f"{plan.tag}-beta.png"
+        plot_beta(series, png, plan)
+        lines = [f"![beta ablation]({png.name})", "", *lines]
+    return lines
+
+
+def plot_beta(series: dict[str, list[float | None]], png: Path, plan: Plan) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for m, style in (("mbib", "-"), ("bib", "--")):  # Figure 3: solid MBIB, dashed BIB
+        pts = [(b, v) for b, v in zip(BETAS, series[m]) if v is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, marker="o", label=m.upper())
+    ax.set_xlabel("β")
+    ax.set_ylabel("overall accuracy (%)")
+    ax.set_title(f"{plan.dataset} IF 100, {plan.epochs} epochs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def taps_section(plan: Plan, state: State) -> list[str]:
+    rows = []
+    for n in TAPS:
+        rec = state.cells.get(taps_cell(n).key)
+        ours = rec["final"]["overall"] if rec else None
+        paper = PAPER_TABLE4[n] if plan.dataset in PAPER_DATASETS else None
+        diff = f"{ours - paper:+.1f}" if ours is not None and paper is not None else "n/a"
+        rows.append([f"{n}-MBIB", fmt(ours), fmt_paper(paper), diff])
+    return [*_table(["Observations", "Overall", "Paper (Table 4)", "Δ"], rows), "",
+            "IF 100; a = 0 for 2-MBIB, a = b = 0.3 otherwise (Table 4's setting). 4-MBIB(x) (BIB(x, z) on the input",
+            "image) is not run: the model supports it (input_tap) but TrainConfig has no field for it yet."]
+
+
+def write_report(plan: Plan, state: State, path: Path) -> Path:
+    base = apply_overrides(base_config(plan), plan.overrides)
+    o = base.optim
+    factors = ", ×".join(f"{x:g}" for x in o.milestone_factors)
+    settings_line = (f"ResNet-32, batch {o.batch_size}, SGD lr {o.lr} momentum {o.momentum} wd {o.weight_decay}, "
+                     f"warm-up {o.warmup_epochs:g} epochs, lr ×{factors} at epochs "
+                     f"{', '.join(map(str, o.milestones))}, "
+                     f"LDAM-DRW re-weighting from epoch {base.loss.drw_epoch} "
+                     "(all scaled from the paper's 200-epoch schedule)")
+    overrides = ", ".join(f"`{k}={v}`" for k, v in sorted(plan.overrides.items())) or "none"
+    recs = [state.cells[c.key] for c in plan_cells(plan) if c.key in state.cells]
+    paper_note = ("Paper = Table 1 (CIFAR-100-LT, 200 epochs), which publishes overall accuracy only; for GML the "
+                  "number is GML's own publication." if plan.dataset in PAPER_DATASETS else
+                  f"Paper: n/a: the paper publishes no {plan.dataset} numbers; the CIFAR-100-LT numbers of Table 1 "
+                  "are listed in `mbib.reproduce.PAPER_TABLE1`.")
+    lines = [f"# Reproduction: {plan.dataset}, {plan.epochs} epochs", "",
+             f"Generated by `bench/reproduce.py` on {datetime.date.today().isoformat()}. Command of the last run:", "",
+             f"    {state.data['commands'][-1] if state.data['commands'] else ''}", "",
+             f"- Data set: `{plan.dataset}`; seed {plan.seed}; {plan.epochs} epochs (the paper trains {PAPER_EPOCHS}).",
+             f"- Schedule: {settings_line}.",
+             f"- Extra settings (`--set`): {overrides}. GML rows use strong augmentation (AutoAugment + Cutout), "
+             "as GML publishes; every other method uses crop + flip.",
+             f"- Cells finished: {len(recs)}; total training wall time {sum(r['wall_s'] for r in recs) / 60:.1f} min.",
+             *(f"- Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, torch {m['torch']}, "
+               f"device {m['device']}." for m in state.data["machines"]),
+             *mlflow_lines(state),
+             "", "## Table 1: top-1 accuracy (%)", "",
+             "Ours = the last epoch's evaluation on the balanced test set; many > 100, medium 20-100, few < 20 "
+             f"training images a class; Δ = ours − paper (overall). {paper_note} \"Best\" is the best evaluation "
+             "during training (selected on the test set, so optimistic).", "",
+             *_table(["Method", "IF", "Overall", "Many", "Medium", "Few", "Paper", "Δ", "Best (epoch)", "Seed",
+                      "Wall (s)"], grid_rows(plan, state)), ""]
+    order = ordering_lines(plan, state)
+    if order:
+        lines += ["## The paper's ordering", "", *order, ""]
+    if plan.rho:
+        lines += ["## Table 5: representation ratio rho (IF 100)", "", *rho_section(plan, state), ""]
+    if plan.posterior:
+        lines += ["## Appendix D: mean positive posterior (IF 100)", "",
+                  *posterior_section(plan, state, path.parent), ""]
+    if plan.beta_ablation:
+        lines += ["## Figure 3: β ablation (IF 100)", "", *beta_section(plan, state, path.parent), ""]
+    if plan.taps_ablation:
+        lines += ["## Table 4: number of observations v (IF 100)", "", *taps_section(plan, state), ""]
+    lines += ["## Reproduce on CIFAR-100-LT", "",
+              "On a machine with CIFAR-100 (torchvision's `cifar-100-python/` or `cifar100.npz` under the data "
+              "root):", "",
+              "    MBIB_DATA_ROOT=/path/to/data python bench/reproduce.py --epochs 200 --rho --posterior "
+              "--beta-ablation --taps-ablation", "",
+              "writes `bench/results/reproduction-200ep.md` (8 methods x 3 IFs, plus the analyses' extra cells); "
+              "rerunning the same command resumes an interrupted grid.", "",
+              NOTES_START, previous_notes(path), NOTES_END, ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def mlflow_lines(state: State) -> list[str]:
+    run = state.data.get("mlflow")
+    if not run:
+        return []
+    return [f"- MLflow: experiment `{EXPERIMENT}`, parent run `{run['parent_run_id']}` in `{run['tracking_uri']}`."]
+
+
+def previous_notes(path: Path) -> str:
+    """Hand-written notes between the markers survive regeneration."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    start, end = text.find(NOTES_START), text.find(NOTES_END)
+    return text[start + len(NOTES_START):end].strip("\n") if 0 <= start < end else ""
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="bench/reproduce.py", description="Rerun the paper's Table 1 grid (and the "
+                                "Section 4.4-4.6 analyses) through the training engine; write a report.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="cifar100-lt", help="cifar100-lt, mnist-lt, digits-lt or npz:PATH")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated loss methods")
+    p.add_argument("--ifs", default="100,50,10", help="comma-separated imbalance factors")
+    p.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="200 = the paper's; fewer scales the schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results", help="folder of the report and its state file")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any training setting for every cell, e.g. --set optim.batch_size=64")
+    p.add_argument("--rho", action="store_true", help="Table 5: grouped rho of BSCE, BIB, MBIB at IF 100")
+    p.add_argument("--posterior", action="store_true", help="Appendix D: mean positive posterior PNG at IF 100")
+    p.add_argument("--beta-ablation", action="store_true", help="Figure 3: BIB and MBIB with beta 0..5 at IF 100")
+    p.add_argument("--taps-ablation", action="store_true", help="Table 4: MBIB with 2..6 observations at IF 100")
+    args = p.parse_args(argv)
+    from mbib.gml import register_gml_methods
+    from mbib.losses import METHODS
+
+    register_gml_methods()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown method(s) {unknown or '(none given)'}: choose from {', '.join(sorted(METHODS))}")
+    try:
+        ifs = tuple(float(x) for x in args.ifs.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--ifs {args.ifs!r} is not a comma-separated list of numbers, e.g. --ifs 100,10") from None
+    if args.epochs < 1 or not ifs:
+        raise ConfigError("--epochs must be >= 1 and --ifs must name at least one imbalance factor")
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} needs KEY=VALUE, e.g. --set optim.batch_size=64")
+        overrides[key.strip()] = value.strip()
+    plan = Plan(args.dataset, args.epochs, args.seed, methods, ifs, overrides, args.rho, args.posterior,
+                args.beta_ablation, args.taps_ablation)
+    apply_overrides(base_config(plan), overrides)  # a bad --set fails now, not after hours of training
+    return plan, args
+
+
+def summary(plan: Plan, state: State, report: Path) -> None:
+    print(f"\n{plan.dataset}, {plan.epochs} epochs: overall / many / medium / few (paper overall)")
+    for m in plan.methods:
+        for f in plan.ifs:
+            rec = state.cells.get(grid_cell(m, f).key)
+            shots = fmt_shots(rec["final"]) if rec else "not run"
+            print(f"  {m:>10} IF {f:>4g}: {shots}   ({fmt_paper(paper_number(plan, m, f))})")
+    for line in ordering_lines(plan, state):
+        print(line)
+    print(f"report: {report}\nstate:  {state.path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        plan, args = parse_args(argv)
+        out = Path(args.out)
+        report = out / f"{plan.tag}.md"
+        state = State(out / f"{plan.tag}.state.json", plan.settings())
+        state.note_invocation("python bench/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                              machine_info())
+        from mbib import tracking
+
+        uri = tracking.tracking_uri(args.tracking_uri)
+        try:
+            run_cells(plan, state, plan_cells(plan), uri)
+            run_analyses(plan, state)
+        finally:  # an interrupted grid still leaves a report of what finished
+            write_report(plan, state, report)
+        log_report(state, report, uri)
+        summary(plan, state, report)
+    except MBIBError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def log_report(state: State, report: Path, uri: str) -> None:
+    """The report and its PNGs as artifacts of the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    parent = state.data.get("mlflow", {}).get("parent_run_id")
+    if not parent:
+        return
+    client = MlflowClient(uri)
+    for f in [report, *report.parent.glob(f"{report.stem}-*.png")]:
+        client.log_artifact(parent, str(f), artifact_path="report")
+    client.set_terminated(parent, "FINISHED")
+

@@ -1,0 +1,107 @@
+"""bench/reproduce.py end to end on a tiny digits-lt grid: every requested cell reported, reruns skip them."""
+
+import json
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mbib import reproduce
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
+METHODS, IFS = ("ce", "bib"), ("10", "5")
+
+
+def run_script(tmp_path, monkeypatch, *extra):
+    argv = ["--dataset", "digits-lt", "--methods", ",".join(METHODS), "--ifs", ",".join(IFS), "--epochs", "1",
+            "--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--set", "data.limit_train=64", "--set", "data.limit_test=40", "--set", "optim.batch_size=32",
+            "--set", "runtime.show_progress=false", "--set", f"runtime.storage_path={tmp_path / 'runs'}", *extra]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    return done.value.code
+
+
+def table_rows(report: str) -> dict[tuple[str, str], list[str]]:
+    """Rows of the Table 1 section keyed by (method, IF)."""
+    section = report.split("## Table 1")[1].split("\n## ")[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("Method",):
+            rows[(cells[0], cells[1])] = cells
+    return rows
+
+
+@pytest.mark.slow
+def test_grid_report_holds_every_cell_and_rerun_skips_them(ray_local, tmp_path, monkeypatch, capsys):
+    assert run_script(tmp_path, monkeypatch) == 0
+    report_path = tmp_path / "out" / "reproduction-digits-lt-1ep.md"
+    state_path = tmp_path / "out" / "reproduction-digits-lt-1ep.state.json"
+    report = report_path.read_text()
+    rows = table_rows(report)
+    assert set(rows) == {(m, f) for m in METHODS for f in IFS}
+    state = json.loads(state_path.read_text())
+    for (m, f), cells in rows.items():
+        overall = float(cells[2])  # a number, not "not run yet"
+        assert 0.0 <= overall <= 100.0
+        assert cells[6] == "n/a" and cells[7] == "n/a"  # the paper has no digits-lt numbers
+        rec = state["cells"][f"grid/{m}/IF{f}"]
+        assert rec["final"]["overall"] == pytest.approx(overall, abs=0.051) and rec["epochs"] == 1
+    assert "Machine:" in report and "--epochs 200" in report  # machine line and the CIFAR-100-LT command
+    # 64 training images over 10 classes: every class is few-shot (< 20), so the few column has numbers
+    assert re.search(r"Few-shot accuracy: CE [\d.]+, BIB [\d.]+", report)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("reproduction")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["mlflow"]["parent_run_id"]]
+    assert len(children) == 4 and len(runs) == 5
+
+    # notes written by hand survive regeneration; a rerun trains nothing
+    report_path.write_text(report.replace(reproduce.NOTES_START + "\n", reproduce.NOTES_START + "\nmy notes\n"))
+    capsys.readouterr()
+    assert run_script(tmp_path, monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 4 and "training" not in printed
+    assert json.loads(state_path.read_text())["cells"] == state["cells"]
+    assert len(client.search_runs([exp.experiment_id])) == 5
+    assert "my notes" in report_path.read_text()
+
+    # the analyses read the kept checkpoints: BIB has both v and z representations, rho is finite and positive
+    plan = reproduce.Plan("digits-lt", 1, 0, METHODS, (10.0,), {"data.limit_train": "64", "data.limit_test": "40"})
+    cfg = reproduce.cell_config(plan, reproduce.base_config(plan), reproduce.grid_cell("bib", 10.0))
+    rho = reproduce.rho_of(state["cells"]["grid/bib/IF10"]["checkpoint"], cfg)
+    assert set(rho) == {"v", "z"} and 0 < rho["z"]["all"] < 10
+    post = reproduce.posterior_of(state["cells"]["grid/ce/IF10"]["checkpoint"], cfg)
+    assert len(post) == 10 and all(0.0 <= p <= 1.0 for p in post)
+
+
+def test_changed_settings_refuse_to_mix_with_a_finished_grid(tmp_path):
+    plan = reproduce.Plan("digits-lt", 1, 0, ("ce",), (10.0,), {})
+    reproduce.State(tmp_path / "s.json", plan.settings()).save()
+    other = reproduce.Plan("digits-lt", 2, 0, ("ce",), (10.0,), {})
+    with pytest.raises(reproduce.ConfigError, match="other settings"):
+        reproduce.State(tmp_path / "s.json", other.settings())
+
+
+def test_plan_reuses_grid_cells_and_names_files():
+    plan = reproduce.Plan("cifar100-lt", 200, 0, ("bib", "mbib"), (100.0,), {}, rho=True, beta_ablation=True,
+                          taps_ablation=True)
+    keys = [c.key for c in reproduce.plan_cells(plan)]
+    assert len(keys) == len(set(keys))
+    # beta = 5 is the default, so Figure 3's beta-5 points are the grid cells; rho adds BSCE at IF 100
+    assert "beta/bib/beta5" not in keys and "grid/bsce/IF100" in keys
+    assert len(keys) == 2 + 1 + 2 * 5 + 5
+    assert plan.tag == "reproduction-200ep"
+    assert reproduce.Plan("npz:/d/my set.npz", 8, 0, ("ce",), (10.0,), {}).tag == "reproduction-my_set-8ep"
+    base = reproduce.base_config(reproduce.Plan("mnist-lt", 20, 0, ("ce",), (10.0,), {}))
+    assert base.optim.milestones == (16, 18) and base.optim.warmup_epochs == pytest.approx(0.5)
+    assert base.loss.drw_epoch == 16  # LDAM-DRW re-weights from the first lr drop, scaled like it
+    two = dict(reproduce.taps_cell(2).overrides)
+    assert two["loss.a"] == 0.0 and two["model.num_taps"] == 2
+    assert dict(reproduce.taps_cell(4).overrides)["loss.a"] == 0.3
