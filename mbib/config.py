@@ -38,6 +38,9 @@ class LossConfig:
     m: float = 0.1  # Eq. 7 exponent
     gamma: float = 0.0  # VSD temperature exponent, T_i = (n_max / n_i)^gamma
     drw_epoch: int = 160  # LDAM-DRW: epoch at which deferred re-weighting starts
+    # beta ramps linearly from 0 over this many epochs (None: the lr warm-up's length; 0: Appendix J exactly).
+    # Not in the paper: without it a VSD teacher that is still random collapses z on short schedules.
+    vsd_warmup_epochs: float | None = None
 
 
 @dataclass

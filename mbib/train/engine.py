@@ -142,6 +142,9 @@ class Engine:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.criterion = build_criterion(cfg.loss.method, self.data.class_counts, **criterion_hparams(cfg))
         self.criterion = self.criterion.to(self.device)
+        self.beta = getattr(self.criterion, "beta", None)  # the VSD weight the ramp scales (BIB family only)
+        ramp = cfg.loss.vsd_warmup_epochs
+        self.vsd_warmup = cfg.optim.warmup_epochs if ramp is None else ramp
         self.model = self.wrap_model(self.net)
         params = list(self.net.parameters()) + [p for p in self.criterion.parameters() if p.requires_grad]
         no_decay = {id(p) for p in getattr(self.criterion, "no_weight_decay_params", lambda: [])()}
@@ -215,6 +218,8 @@ class Engine:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step; returns the (detached) loss and its terms. The caller checks finiteness."""
         self.model.train()
+        if self.beta is not None and self.vsd_warmup > 0:
+            self.criterion.beta = self.beta * min(1.0, self.global_step / (self.vsd_warmup * self.steps_per_epoch))
         with self._autocast():
             outputs = self.model(x)
         outputs = {k: v.float() for k, v in outputs.items()}
