@@ -521,9 +521,10 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     api, kwargs = os.environ.get("RAY_API_SERVER_ADDRESS"), {}
-    if not os.environ.get("RAY_ADDRESS"):
+    if not os.environ.get("RAY_ADDRESS"):  # "local": a fresh instance, never a stale `ray start` left on the machine
         port = _free_port()
-        api, kwargs = api or f"http://127.0.0.1:{port}", {"include_dashboard": True, "dashboard_port": port}
+        api = api or f"http://127.0.0.1:{port}"
+        kwargs = {"address": "local", "include_dashboard": True, "dashboard_port": port}
     ray.init(configure_logging=False, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None,
              **kwargs)
 
