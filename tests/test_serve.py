@@ -35,8 +35,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    import ray
+def service(tmp_path_factory, ray_local):
     from ray import serve
 
     from mbib.serving import ServeSettings, build_app
@@ -46,15 +45,13 @@ def service(tmp_path_factory):
     export_onnx(ckpt, tmp / "model.onnx", parity_npz=str(write_parity_npz(tmp / "parity.npz")))
     model, state = model_from_checkpoint(ckpt)
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(model_path=str(tmp / "model.onnx"), num_replicas=1, num_cpus=0.5, max_batch_size=8,
                              batch_wait_timeout_s=0.01, max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
     serve.run(build_app(settings), name="mbib", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield {"client": client, "model": model, "spec": state["data_spec"]}
-    serve.shutdown()
-    ray.shutdown()
+    serve.shutdown()  # the session's Ray stays up for the other test modules
 
 
 def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -49,15 +50,9 @@ class MLflowReportCallback(ray.train.UserCallback):
 
 
 def _ensure_ray() -> None:
+    """Join the cluster RAY_ADDRESS names, else start a fresh local Ray (never a stray one left on the host)."""
     if not ray.is_initialized():
-        ray.init(address="auto" if _cluster_running() else None, log_to_driver=True,
-                 configure_logging=False, include_dashboard=False)
-
-
-def _cluster_running() -> bool:
-    import os
-
-    return bool(os.environ.get("RAY_ADDRESS"))
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True, configure_logging=False)
 
 
 def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
