@@ -15,9 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _driver(tmp_path, *args, env=None):
-    e = dict(os.environ, **(env or {}))
+def _env(**extra):
+    """This checkout's mbib first (for the driver and, through the environment, Ray's workers); no outer cluster."""
+    e = dict(os.environ, **extra)
     e.pop("RAY_ADDRESS", None)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return e
+
+
+def _driver(tmp_path, *args, env=None):
+    e = _env(**(env or {}))
     cmd = [sys.executable, str(REPO / "studies" / "cifar_grid.py"), "--smoke", "--storage-path", str(tmp_path / "runs"),
            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "t", *args]
     return subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=open(tmp_path / "driver.log", "a"),
@@ -131,8 +138,7 @@ print("NODES", json.dumps({"workers": [r.worker_nodes for r in out[0].rows],
 def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
     from mbib.study import _free_port
 
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
+    env = _env()
     res = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path), str(_free_port())], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("NODES ")), None)
