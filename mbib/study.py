@@ -547,10 +547,11 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
         raise ConfigError(f"study data set already exists at {exp_path}: pass --resume to continue it, "
                           "or choose another --storage-path or --name")
     parent_id = parent_run(client, experiment_id, spec.name, ds.key, reuse=resume)
-    tracking.log_params(client, parent_id, {"study": spec.name, "dataset_key": ds.key, "num_samples": spec.num_samples,
-                                            "max_concurrent": spec.max_concurrent, "epochs": epochs,
-                                            "gpus_per_trial": spec.gpus_per_trial, "sampler": f"TPE(seed={spec.seed})",
-                                            "scheduler": "ASHA", "pruned_trials_told_as": "PRUNED"})
+    if not client.get_run(parent_id).data.params:  # a resumed study keeps its first settings (as Tune's restore does)
+        tracking.log_params(client, parent_id, {"study": spec.name, "dataset_key": ds.key, "num_samples": spec.num_samples,
+                                                "max_concurrent": spec.max_concurrent, "epochs": epochs,
+                                                "gpus_per_trial": spec.gpus_per_trial, "sampler": f"TPE(seed={spec.seed})",
+                                                "scheduler": "ASHA", "pruned_trials_told_as": "PRUNED"})
     # the trial function only drives Train, whose workers hold the CPUs/GPUs: it asks for memory alone (Ray
     # rejects an all-zero request), so two 1-CPU trials fit a 2-CPU laptop
     trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})

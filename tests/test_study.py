@@ -92,7 +92,8 @@ def _tpe_proposals(seed, n):
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
-    proc = _driver(tmp_path, "--num-samples", "3", "--max-concurrent", "1")
+    args = ("--num-samples", "3", "--max-concurrent", "1")
+    proc = _driver(tmp_path, *args)
     deadline = time.time() + 600
     while time.time() < deadline:  # kill the driver once the first trial's child run has finished
         time.sleep(3)
@@ -104,7 +105,7 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     finished_before = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
         [exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''")}
     assert finished_before
-    assert _driver(tmp_path, "--resume").wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert _driver(tmp_path, *args, "--resume").wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
