@@ -244,6 +244,8 @@ class MLflowTrialLogger(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.child_run(trial)
+        if self.client.get_run(run_id).info.status == "FINISHED":
+            return  # finished before an interruption that came before Tune saved its state: keep the record
         done = int((trial.last_result or {}).get(BUDGET, 0))
         self.client.set_tag(run_id, "mbib.stopped_early", str(done < self.max_epochs).lower())
         self.client.set_terminated(run_id, "FINISHED")

@@ -95,16 +95,18 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     args = ("--num-samples", "3", "--max-concurrent", "1")
     proc = _driver(tmp_path, *args)
     deadline = time.time() + 600
-    while time.time() < deadline:  # kill the driver once the first trial's child run has finished
+    while time.time() < deadline:  # kill the driver once Tune has recorded a finished trial in its state
         time.sleep(3)
-        exp = client.get_experiment_by_name("t")
-        if exp and client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''"):
+        if _finished_trial_dirs(tmp_path):
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_before = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
+    finished = _finished_trial_dirs(tmp_path)
+    assert finished
+    lines_before = {d: (d / "result.json").read_text().count("\n") for d in finished}
+    exp = client.get_experiment_by_name("t")
+    ended = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
         [exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''")}
-    assert finished_before
     assert _driver(tmp_path, *args, "--resume").wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -112,8 +114,22 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     assert len(parents) == 2
     ids = [r.data.tags["mbib.trial_id"] for r in kids]
     assert len(ids) == len(set(ids)) == 6  # 3 trials per data set, no duplicate child runs
-    for tid, end in finished_before.items():  # finished trials were not rerun
+    for d, n in lines_before.items():  # finished trials were not rerun: no new results, same MLflow record
+        assert (d / "result.json").read_text().count("\n") == n
+    for tid, end in ended.items():
         assert next(r for r in kids if r.data.tags["mbib.trial_id"] == tid).info.end_time == end
+
+
+def _finished_trial_dirs(tmp_path):
+    """Trial folders of trials that Tune's saved experiment state lists as TERMINATED."""
+    out = []
+    for state in (tmp_path / "runs" / "t").glob("*/experiment_state-*.json"):
+        data = json.loads(state.read_text())
+        for trial_json, _ in data.get("trial_data", []):
+            t = json.loads(trial_json)
+            if t.get("status") == "TERMINATED":
+                out.extend(state.parent.glob(f"*{t['trial_id']}*"))
+    return [d for d in out if d.is_dir()]
 
 
 CLUSTER_SCRIPT = r"""
