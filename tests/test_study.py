@@ -174,3 +174,23 @@ def test_cluster_yaml_validates_against_rays_schema():
     assert config["docker"]["image"].startswith("rayproject/ray:") and config["docker"]["image"].endswith("-py311-gpu")
     assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
     assert any("mlflow server" in c for c in config["head_start_ray_commands"])
+
+
+def test_trials_stopped_early_reach_optuna_as_pruned_not_complete():
+    from optuna.trial import TrialState
+
+    from mbib.study import TrialRow, best_row, make_searcher
+
+    s = make_searcher({"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}, max_epochs=10, seed=0)
+    assert s.suggest("stopped") == {"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}
+    s.suggest("full")
+    s.on_trial_result("stopped", {"acc": 40.0, "epochs_done": 2})
+    s.on_trial_result("stopped", {"epochs_done": 3})  # a non-evaluation epoch carries no accuracy
+    s.on_trial_complete("stopped", {"acc": 40.0, "epochs_done": 3})  # ASHA stopped it at 3 of 10 epochs
+    s.on_trial_result("full", {"acc": 30.0, "epochs_done": 10})
+    s.on_trial_complete("full", {"acc": 30.0, "epochs_done": 10})
+    stopped, full = s._ot_study.trials
+    assert stopped.state == TrialState.PRUNED and stopped.value is None and stopped.intermediate_values == {2: 40.0}
+    assert full.state == TrialState.COMPLETE and full.value == 30.0
+    rows = [TrialRow("s", 0, {}, 40.0, 3, "PRUNED", None, {}, {}), TrialRow("f", 1, {}, 30.0, 10, "COMPLETE", None, {}, {})]
+    assert best_row(rows).trial_id == "f"  # a truncated score never wins over a full-budget one
