@@ -190,7 +190,8 @@ def test_trials_stopped_early_reach_optuna_as_pruned_not_complete():
     s.on_trial_result("full", {"acc": 30.0, "epochs_done": 10})
     s.on_trial_complete("full", {"acc": 30.0, "epochs_done": 10})
     stopped, full = s._ot_study.trials
-    assert stopped.state == TrialState.PRUNED and stopped.value is None and stopped.intermediate_values == {2: 40.0}
+    # PRUNED: TPE ranks it below every COMPLETE trial (Optuna keeps its last intermediate value for reference)
+    assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {2: 40.0}
     assert full.state == TrialState.COMPLETE and full.value == 30.0
     rows = [TrialRow("s", 0, {}, 40.0, 3, "PRUNED", None, {}, {}), TrialRow("f", 1, {}, 30.0, 10, "COMPLETE", None, {}, {})]
     assert best_row(rows).trial_id == "f"  # a truncated score never wins over a full-budget one
