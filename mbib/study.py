@@ -23,7 +23,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from mbib import tracking
-from mbib.checkpoint import CHECKPOINT_FILE
+from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig, apply_overrides, preset
 from mbib.errors import ConfigError, TrainingError
 
@@ -466,6 +466,19 @@ def summarize(client, parent_id: str, key: str, rows: list[TrialRow]) -> tuple[T
     return best, importances
 
 
+def kept_checkpoint(path: str) -> str:
+    """The best report's checkpoint, or, when Ray's num_to_keep broke an accuracy tie the other way and deleted
+    it, the kept sibling with the highest accuracy (the later one on ties)."""
+    local = Path(path)
+    if "://" in path or local.exists():
+        return path
+    kept = sorted(local.parent.glob("epoch_*/" + CHECKPOINT_FILE))
+    if not kept:
+        raise TrainingError(f"no checkpoint left under {local.parent}: was the run's storage deleted?")
+    accs = [load_checkpoint(k).get("metrics", {}).get("acc", -1.0) for k in kept]
+    return str(kept[max(range(len(kept)), key=lambda i: (accs[i], i))].parent)
+
+
 def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, model_name: str) -> str:
     """Log the best trial's checkpoint.pt on its child run and register it; once per parent run."""
     done = client.get_run(parent_id).data.tags.get("mbib.registered_version")
@@ -476,7 +489,7 @@ def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, mo
     child = find_child_runs(client, experiment_id, parent_id, best.trial_id)
     run_id = child[0].info.run_id if child else parent_id
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(ray.train.Checkpoint(best.checkpoint_path).to_directory(tmp)) / CHECKPOINT_FILE
+        local = Path(ray.train.Checkpoint(kept_checkpoint(best.checkpoint_path)).to_directory(tmp)) / CHECKPOINT_FILE
         client.log_artifact(run_id, str(local), artifact_path="model")
     if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
         client.create_registered_model(model_name, description="best checkpoint of an mbib study (checkpoint.pt)")
