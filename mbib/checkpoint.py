@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -26,14 +26,13 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return p / CHECKPOINT_FILE if p.is_dir() else p
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write to a temporary file beside the target, then rename: a crash never leaves half a checkpoint."""
-    target = checkpoint_file(path)
+def atomic_write(target: Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write to a temporary file beside the target, then rename: a crash never leaves half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -41,6 +40,10 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    return atomic_write(checkpoint_file(path), lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

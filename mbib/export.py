@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import mbib
-from mbib.checkpoint import checkpoint_file, model_from_checkpoint
+from mbib.checkpoint import atomic_write, checkpoint_file, model_from_checkpoint
 from mbib.errors import ConfigError, DataError, MBIBError, TrainingError
 
 OPSET = 18
@@ -135,21 +135,6 @@ def _parity(onnx_bytes: bytes, wrapper: nn.Module, images: torch.Tensor) -> dict
     }
 
 
-def _atomic_write(data: bytes, target: Path) -> None:
-    """Temporary file beside the target, then rename: readers never see half a model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".onnx")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def log_to_mlflow(onnx_path: Path, report: dict[str, Any], tracking_uri: str | None = None,
                   experiment: str | None = None) -> str | None:
     """Log the ONNX file and its parity report to the active MLflow run, or to a new run at tracking_uri."""
@@ -238,7 +223,7 @@ def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.P
         raise TrainingError(f"ONNX Runtime differs from PyTorch by {worst:.3g} > {tolerance:g} on logits "
                             f"(max |logit| {report['max_abs_logit']:.3g}): nothing written; check the model's ops or pass --tolerance")
     target = Path(out_path)
-    _atomic_write(final, target)
+    atomic_write(target, lambda fh: fh.write(final))
     report["onnx_path"] = str(target)
     report["onnx_sha256"] = hashlib.sha256(final).hexdigest()
     report["mlflow_run_id"] = log_to_mlflow(target, report, mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
