@@ -51,6 +51,12 @@ class PILImages(Dataset):
         return self.tf(self.images[i]), self.y[i]
 
 
+def endless(make_epoch):
+    """Batches from epoch after epoch, so a timed round never stops at an epoch's end."""
+    while True:
+        yield from make_epoch()
+
+
 def time_steps(step, steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -86,29 +92,18 @@ def main(argv=None) -> dict:
         loss.backward()
         bare_opt.step()
 
-    batches = iter(())
+    full_batches = endless(lambda: engine.epoch_batches(0))
 
     def full_step():
-        nonlocal batches
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(engine.epoch_batches(0))
-            x, y = next(batches)
-        engine.train_step(x, y)
+        engine.train_step(*next(full_batches))
 
     naive_loader = DataLoader(PILImages(data.x_train, data.y_train, data.mean, data.std), batch_size=args.batch_size,
                               shuffle=True, num_workers=args.loader_workers, drop_last=True,
                               persistent_workers=args.loader_workers > 0)
-    naive_iter = iter(())
+    naive_batches = endless(lambda: naive_loader)
 
     def naive_step():
-        nonlocal naive_iter
-        try:
-            x, y = next(naive_iter)
-        except StopIteration:
-            naive_iter = iter(naive_loader)
-            x, y = next(naive_iter)
+        x, y = next(naive_batches)
         engine.model.train()
         loss, _ = engine.criterion(engine.model(x.to(device)), y.to(device))
         engine.optimizer.zero_grad(set_to_none=True)
