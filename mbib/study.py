@@ -26,6 +26,7 @@ from mbib import tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig, apply_overrides, preset
 from mbib.errors import ConfigError, TrainingError
+from mbib.raylocal import ensure_ray
 
 SEARCH_SPACE: dict[str, tuple[float, float]] = {  # the paper's ranges (Sec. 4.2, Fig. 3-4)
     "beta": (0.0, 5.0), "a": (0.0, 1.0), "b": (0.0, 1.0), "m": (0.0, 0.5), "gamma": (0.0, 1.0)}
@@ -526,32 +527,6 @@ def load_registered_checkpoint(name: str, version: str | int = "latest", trackin
 
 # ---------------------------------------------------------------- the study
 
-def ensure_ray() -> None:
-    """Start (or join, via RAY_ADDRESS) Ray so that Ray Train's placement-group cleaner can reach the state API.
-
-    Tune kills the actor of a trial ASHA stops; its Train workers' placement group is then freed only by Train's
-    cleaner, which asks the dashboard's state API whether the controller died: without a dashboard, or with
-    several Ray instances on one machine, the CPUs would stay reserved and later trials would wait forever.
-    """
-    if ray.is_initialized():
-        return
-    api, kwargs = os.environ.get("RAY_API_SERVER_ADDRESS"), {}
-    if not os.environ.get("RAY_ADDRESS"):  # "local": a fresh instance, never a stale `ray start` left on the machine
-        port = _free_port()
-        api = api or f"http://127.0.0.1:{port}"
-        kwargs = {"address": "local", "include_dashboard": True, "dashboard_port": port}
-    ray.init(configure_logging=False, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None,
-             **kwargs)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, uri: str,
                 resume: bool) -> DatasetOutcome:
     base = spec.base_config(ds)
@@ -604,7 +579,7 @@ def run_study(spec: StudySpec, resume: bool = False) -> list[DatasetOutcome]:
     uri = tracking.tracking_uri(spec.tracking_uri)
     client = MlflowClient(uri)
     experiment_id = tracking.get_or_create_experiment(client, spec.name)  # on the driver, before any trial
-    ensure_ray()
+    ensure_ray(dashboard=True)
     return [run_dataset(spec, ds, client, experiment_id, uri, resume) for ds in spec.datasets]
 
 

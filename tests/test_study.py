@@ -40,7 +40,7 @@ def _client(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
-    proc = _driver(tmp, "--num-samples", "2")
+    proc = _driver(tmp, "--num-samples", "2", "--epochs", "1")
     assert proc.wait(timeout=900) == 0, (tmp / "driver.log").read_text()[-3000:]
     return tmp
 
@@ -92,7 +92,7 @@ def _tpe_proposals(seed, n):
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
-    args = ("--num-samples", "3", "--max-concurrent", "1")
+    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", "1")
     proc = _driver(tmp_path, *args)
     deadline = time.time() + 600
     while time.time() < deadline:  # kill the driver once Tune has recorded a finished trial in its state
@@ -113,7 +113,7 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 2
     ids = [r.data.tags["mbib.trial_id"] for r in kids]
-    assert len(ids) == len(set(ids)) == 6  # 3 trials per data set, no duplicate child runs
+    assert len(ids) == len(set(ids)) == 4  # 2 trials per data set, no duplicate child runs
     for d, n in lines_before.items():  # finished trials were not rerun: no new results, same MLflow record
         assert (d / "result.json").read_text().count("\n") == n
     for tid, end in ended.items():
@@ -153,10 +153,10 @@ print("NODES", json.dumps({"workers": [r.worker_nodes for r in out[0].rows],
 
 
 def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
-    from mbib.study import _free_port
+    from mbib.raylocal import free_port
 
     env = _env()
-    res = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path), str(_free_port())], cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path), str(free_port())], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("NODES ")), None)
     assert line, res.stdout[-2000:] + res.stderr[-3000:]

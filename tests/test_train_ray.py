@@ -57,8 +57,16 @@ def test_two_ddp_workers_hold_identical_weights(ray_local, tmp_path):
     assert reports[0][0]["param_checksum"] != reports[1][0]["param_checksum"]  # and they did train
 
 
-def test_resume_after_injected_fault_equals_uninterrupted(ray_local, tmp_path):
-    clean = run_training(tiny(tmp_path, run_name="clean"), track=False)
+@pytest.fixture(scope="module")
+def tracked(ray_local, tmp_path_factory):
+    """One uninterrupted run with MLflow: the MLflow test reads it, the resume test compares against it."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    return tmp, uri, run_training(tiny(tmp, run_name="tracked", experiment="t"), tracking_uri=uri)
+
+
+def test_resume_after_injected_fault_equals_uninterrupted(tracked, tmp_path):
+    clean = tracked[2]  # same config and seed; MLflow logging does not touch training
     faulty = run_training(tiny(tmp_path, run_name="faulty", **{"runtime.inject_failure_epoch": 1,
                                                                "runtime.max_failures": 1}), track=False)
     a = load_checkpoint(_latest(clean))
@@ -74,9 +82,8 @@ def _latest(outcome):
     return ckpts[-1]
 
 
-def test_mlflow_records_params_metrics_and_artifacts(ray_local, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = run_training(tiny(tmp_path, run_name="tracked", experiment="t"), tracking_uri=uri)
+def test_mlflow_records_params_metrics_and_artifacts(tracked, tmp_path):
+    _, uri, out = tracked
     client = MlflowClient(uri)
     run = client.get_run(out.mlflow_run_id)
     assert run.info.status == "FINISHED"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import uuid
@@ -19,6 +18,7 @@ from mbib import tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig
 from mbib.errors import MBIBError, TrainingError
+from mbib.raylocal import ensure_ray
 from mbib.train.engine import class_names, load_data
 from mbib.train.loop import train_loop_per_worker
 
@@ -47,12 +47,6 @@ class MLflowReportCallback(ray.train.UserCallback):
             tracking.log_metrics(MlflowClient(self.uri), self.run_id, m, step=int(m.get("epoch", 0)))
         except Exception as exc:  # a tracking hiccup must never kill the training run
             logging.getLogger(__name__).warning("MLflow logging failed at epoch %s: %s", m.get("epoch"), exc)
-
-
-def _ensure_ray() -> None:
-    """Join the cluster RAY_ADDRESS names, else start a fresh local Ray (never a stray one left on the host)."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True, configure_logging=False)
 
 
 def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
@@ -104,7 +98,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
     """Train on Ray Train; record params, per-epoch metrics and artifacts in MLflow; return the outcome."""
     data = load_data(cfg)  # fail fast on the driver with a one-line error, before any worker starts
     cfg.run_name = cfg.run_name or f"{cfg.loss.method}-{Path(cfg.data.dataset).stem}-{uuid.uuid4().hex[:6]}"
-    _ensure_ray()
+    ensure_ray()
     client = run_id = uri = None
     if track:
         from mlflow.tracking import MlflowClient
