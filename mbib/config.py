@@ -27,6 +27,7 @@ class ModelConfig:
     arch: str = "resnet32"
     num_taps: int = 3
     z_dim: int | None = None  # None -> the architecture's default (see mbib.models)
+    input_tap: bool = False  # Table 4's 4-MBIB(x): the input image's GAP as the shallowest observation (mbib head)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LossConfig:
     # beta ramps linearly from 0 over this many epochs (None: the lr warm-up's length; 0: Appendix J exactly).
     # Not in the paper: without it a VSD teacher that is still random collapses z on short schedules.
     vsd_warmup_epochs: float | None = None
+    gml_views: int = 3  # GML methods: 3 augmented views (classifier, query, key) as published, or 1 shared view
 
 
 @dataclass

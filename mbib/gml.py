@@ -30,10 +30,15 @@ Choices (the issue asks each to be documented):
   requires the teacher's feature width to equal the student's).
 * projection heads: Linear(D, 64) -> BN -> ReLU -> Linear(64, 32), on the backbone's final tap ("gml")
   or on z ("mbib-gml").
-* one augmented view feeds the classifier, the query and the key unless ``GMLHead.forward`` gets a
-  separate key view (the authors draw three strong views per image).
-* the authors exclude a query's own key in the temperature copy using dataset indices; our batches carry
-  no indices, so both copies see the whole queue.
+* views (``loss.gml_views``): 3, as the authors draw, gives the classifier, the query and the key each
+  their own augmentation of the image (classifier and query views share one backbone pass, so BN sees
+  both); 1 feeds one view to all three (a third of the augmentation and half the backbone work).
+* the temperature copy leaves out every queued key of the query's own image (matched by dataset index,
+  ``exclude_own_key``), as the authors do: otherwise T could shrink towards the trivial self-match.
+  The encoder copy keeps them, as published.
+* several GPUs: keys, labels and indices are all-gathered before they are queued, so every rank holds
+  the same queue (MoCo's ``concat_all_gather``); the engine all-reduces the temperature's gradient.
+  MoCo's shuffled BN for the key encoder is not done.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import copy
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,7 +58,8 @@ from mbib.losses.functional import tap_keys
 QUERY_KEY = "gml_query"  # [B, dim] L2-normalised query projections (training only)
 KEY_KEY = "gml_key"  # [B, dim] L2-normalised keys from the key encoder (training only, no grad)
 TEACHER_KEY = "gml_teacher"  # [B, K] teacher logits for KD (training with a teacher only)
-AUX_KEYS = (QUERY_KEY, KEY_KEY, TEACHER_KEY)
+INDEX_KEY = "gml_index"  # [B] dataset indices of the batch (the engine adds them; own-key exclusion)
+AUX_KEYS = (QUERY_KEY, KEY_KEY, TEACHER_KEY, INDEX_KEY)
 
 
 def logit_outputs(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,10 +97,11 @@ class ClassQueue(nn.Module):
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("labels", torch.repeat_interleave(torch.arange(self.num_classes), sizes))
         self.register_buffer("valid", torch.zeros(size, dtype=torch.bool))
+        self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))  # dataset index of each key
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
-        """Write keys into their class slots in batch order, as if one at a time (vectorised)."""
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Write keys (and their images' dataset indices) into their class slots in batch order, as if one at a time."""
         labels = labels.to(self.sizes.device)
         onehot = F.one_hot(labels, self.num_classes)
         rank = (onehot.cumsum(0) - 1).gather(1, labels[:, None]).squeeze(1)  # order within its class
@@ -105,6 +113,7 @@ class ClassQueue(nn.Module):
         pos = pos[keep]
         self.keys[pos] = keys.detach()[keep].to(self.keys.dtype)
         self.valid[pos] = True
+        self.index[pos] = -1 if index is None else index.to(self.index.device)[keep]
         self.ptr.copy_((self.ptr + per_class) % self.sizes)
 
     def class_keys(self, c: int) -> torch.Tensor:
@@ -116,26 +125,44 @@ class ClassQueue(nn.Module):
         return slot[valid]  # partly filled slots fill from offset 0 and have never wrapped
 
 
-def gml_contrastive_logits(query, queue_keys, queue_labels, valid, num_classes: int, temperature):
-    """Per class c: log-mean-exp over class c's valid keys of cos(q, k) / T_c; -inf where c has none.
+def gml_contrastive_logits(query, queue_keys, queue_labels, mask, num_classes: int, temperature):
+    """Per class c: log-mean-exp over class c's usable keys of cos(q, k) / T_c; -inf where c has none.
 
-    ``query`` [B, D] and ``queue_keys`` [S, D] are L2-normalised; ``temperature`` is a scalar or [K].
+    ``query`` [B, D] and ``queue_keys`` [S, D] are L2-normalised; ``mask`` [S] (or [B, S], per query) says
+    which keys count; ``temperature`` is a scalar or [K]. This is GML's S(x, y) before the log prior.
     """
     temperature = torch.as_tensor(temperature, dtype=query.dtype, device=query.device)
     t_key = temperature.expand(num_classes)[queue_labels] if temperature.dim() else temperature
     sims = (query @ queue_keys.T) / t_key  # cosine similarity / T of the key's class
+    mask = mask.expand_as(sims)
     index = queue_labels.expand_as(sims)
-    masked = sims.detach().masked_fill(~valid, float("-inf"))
+    masked = sims.detach().masked_fill(~mask, float("-inf"))
     peak = torch.full((sims.shape[0], num_classes), float("-inf"), dtype=sims.dtype, device=sims.device)
     peak = peak.scatter_reduce(1, index, masked, reduce="amax")  # per-class max keeps exp() in range
-    count = torch.bincount(queue_labels[valid], minlength=num_classes)
+    count = mask.to(sims.dtype) @ F.one_hot(queue_labels, num_classes).to(sims.dtype)  # [B, K] usable keys
     present = count > 0
     peak = torch.where(present, peak, torch.zeros_like(peak))
-    shifted = (sims - peak.gather(1, index)).masked_fill(~valid, float("-inf"))
+    shifted = (sims - peak.gather(1, index)).masked_fill(~mask, float("-inf"))
     total = torch.zeros_like(peak).index_add(1, queue_labels, shifted.exp())
     # Absent classes take log(1) so their masked gradient stays finite (0 * inf would be NaN).
     lme = torch.log(torch.where(present, total, torch.ones_like(total))) + peak - count.clamp_min(1).log()
     return lme.masked_fill(~present, float("-inf"))
+
+
+@torch.no_grad()
+def gather_from_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Concatenate each tensor over all DDP ranks (rank order); unchanged without a process group.
+
+    Every rank must pass the same shapes: the engine's batches have equal sizes on all ranks.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return tuple(out)
 
 
 def adjusted_cross_entropy(logits, labels, log_prior):
@@ -238,11 +265,20 @@ class GMLHead(nn.Module):
             for p, q in zip(online.parameters(), target.parameters()):
                 q.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
 
-    def forward(self, x, x_key=None):
-        outputs, feats = logits_and_features(self.model, x)
+    def forward(self, x, x_query=None, x_key=None):
+        """Training: the classifier's logits on ``x``, the query from ``x_query`` and the key from ``x_key``
+        (each defaults to ``x``; 3-view GML passes all three). Eval: the logits of ``x`` only."""
+        if not self.training or x_query is None:
+            outputs, feats = logits_and_features(self.model, x)
+            query_feats = feats
+        else:  # classifier and query views share one backbone pass, as the authors batch them
+            both = self.model.features(torch.cat([x, x_query]))
+            n = len(x)
+            outputs = {k: self.model.heads[k](r[:n]) for k, r in both.items()}
+            query_feats = {self.feature_key: both[self.feature_key][n:]}
         if not self.training:
             return outputs
-        query = F.normalize(self.query_proj(feats[self.feature_key]), dim=1)
+        query = F.normalize(self.query_proj(query_feats[self.feature_key]), dim=1)
         self.momentum_update()  # MoCo order: update the key encoder, then encode the keys
         x_key = x if x_key is None else x_key
         with torch.no_grad():
@@ -266,7 +302,7 @@ def logits_and_features(model: nn.Module, x):
 GML_DEFAULTS = {  # the authors' CIFAR settings
     "queue_size": 4096, "base_k": 2, "dim": 32, "sup_temperature": 1.0 / 30.0, "init_temperature": 0.1,
     "per_class_temperature": True, "sup_weight": 1.0, "con_weight": 1.0, "kd_weight": 1.0,
-    "kd_temperature": 4.0, "kd_teacher_scale": 1.0,
+    "kd_temperature": 4.0, "kd_teacher_scale": 1.0, "exclude_own_key": True,
 }
 
 
@@ -286,7 +322,7 @@ class GMLCriterion(Criterion):
                  dim: int = 32, sup_temperature: float = 1.0 / 30.0, init_temperature: float = 0.1,
                  per_class_temperature: bool = True, sup_weight: float = 1.0, con_weight: float = 1.0,
                  kd_weight: float = 1.0, kd_temperature: float = 4.0, kd_teacher_scale: float = 1.0,
-                 base: Criterion | None = None):
+                 exclude_own_key: bool = True, base: Criterion | None = None):
         counts = torch.as_tensor(class_counts, dtype=torch.float64)
         super().__init__(method, head, counts)
         if sup_temperature <= 0 or init_temperature <= 0:
@@ -298,7 +334,19 @@ class GMLCriterion(Criterion):
         self.sup_temperature = sup_temperature
         self.sup_weight, self.con_weight, self.kd_weight = sup_weight, con_weight, kd_weight
         self.kd_temperature, self.kd_teacher_scale = kd_temperature, kd_teacher_scale
+        self.exclude_own_key = exclude_own_key
         self.base = base
+
+    @property
+    def beta(self) -> float:
+        """The base objective's VSD weight (mbib-gml), so the engine's beta warm-up reaches it."""
+        if self.base is None or not hasattr(self.base, "beta"):
+            raise AttributeError("beta")
+        return self.base.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.base.beta = value
 
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         """Parameters the optimiser must not decay (decay would pull log T towards T = 1)."""
@@ -309,14 +357,24 @@ class GMLCriterion(Criterion):
         if self.base is not None:
             self.base.set_epoch(epoch)
 
-    def contrastive_terms(self, query, labels):
-        """(con, con_T): encoder copy with T detached, temperature copy with similarities detached."""
+    def contrastive_terms(self, query, labels, index=None):
+        """(con, con_T): encoder copy with T detached, temperature copy with similarities detached.
+
+        With the batch's dataset ``index`` and ``exclude_own_key``, the temperature copy skips the queued
+        keys of each query's own image (GML's q_idx != k_idx mask); the encoder copy uses every key.
+        """
         q = self.queue
         temperature = self.log_temperature.exp()
-        args = (q.keys, q.labels, q.valid, self.num_classes)
+        own = q.valid
+        if index is not None and self.exclude_own_key:
+            own = q.valid & (q.index[None, :] != index[:, None])
         query = query.float()
-        con = adjusted_cross_entropy(gml_contrastive_logits(query, *args, temperature.detach()), labels, self.log_prior)
-        con_t = adjusted_cross_entropy(gml_contrastive_logits(query.detach(), *args, temperature), labels, self.log_prior)
+        con = adjusted_cross_entropy(
+            gml_contrastive_logits(query, q.keys, q.labels, q.valid, self.num_classes, temperature.detach()),
+            labels, self.log_prior)
+        con_t = adjusted_cross_entropy(
+            gml_contrastive_logits(query.detach(), q.keys, q.labels, own, self.num_classes, temperature),
+            labels, self.log_prior)
         return con, con_t
 
     def loss_terms(self, outputs, labels):
@@ -329,8 +387,10 @@ class GMLCriterion(Criterion):
             sup = F.cross_entropy(sup_logits / self.sup_temperature + self.log_prior, labels)
             loss, terms = self.sup_weight * sup, {"sup": sup}
         if QUERY_KEY in outputs:
-            self.queue.enqueue(outputs[KEY_KEY], labels)  # before the loss: a query's class has its own key
-            con, con_t = self.contrastive_terms(outputs[QUERY_KEY], labels)
+            index = outputs.get(INDEX_KEY)
+            shared = (outputs[KEY_KEY], labels) if index is None else (outputs[KEY_KEY], labels, index)
+            self.queue.enqueue(*gather_from_ranks(*shared))  # before the loss: a query's class has its own key
+            con, con_t = self.contrastive_terms(outputs[QUERY_KEY], labels, index)
             loss = loss + self.con_weight * (con + con_t)
             terms.update(con=con, con_T=con_t, T_mean=self.log_temperature.exp().mean())
         if TEACHER_KEY in outputs and self.base is None and self.kd_weight > 0:

@@ -286,6 +286,15 @@ def test_normalize_values_and_channels_last():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_strong_augment_on_cuda_with_a_cuda_generator():
+    from mbib.data.strong_augment import strong_augment
+
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    runs = [strong_augment(x, MEAN, STD, generator=torch.Generator(device="cuda").manual_seed(1)) for _ in range(2)]
+    assert runs[0].device.type == "cuda" and runs[0].shape == x.shape and torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cifar_augment_on_cuda_matches_cpu():
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     cpu = cifar_augment(x, MEAN, STD, torch.Generator().manual_seed(2))

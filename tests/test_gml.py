@@ -197,3 +197,113 @@ def test_gml_head_and_registered_methods_on_resnet32():
         assert all(not p.requires_grad for p in head.key_model.parameters())
         head.eval()
         assert set(head(x)) == set(head.model.output_keys)  # eval: logits only, like a plain model
+
+
+def test_per_query_mask_drops_a_key_for_that_query_only():
+    keys, labels, valid = _hand_queue()
+    q = torch.tensor([[0.6, 0.8], [0.6, 0.8]])
+    mask = valid.expand(2, -1).clone()
+    mask[1, 1] = False  # the second query may not use key 1 ([0, 1], class 0)
+    out = gml_contrastive_logits(q, keys, labels, mask, 3, torch.tensor(0.5))
+    assert out[0, 0].item() == pytest.approx(_lme([1.2, 1.6]), abs=1e-6)
+    assert out[1, 0].item() == pytest.approx(1.2, abs=1e-6)  # only key 0 is left for class 0
+    assert out[1, 1].item() == pytest.approx(1.2, abs=1e-6)
+
+
+def test_temperature_copy_skips_the_query_images_own_keys():
+    crit = GMLCriterion("gml", "plain", [2, 2], queue_size=6, dim=2, base_k=2, init_temperature=0.5)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    crit.queue.enqueue(keys, torch.tensor([0, 0, 1, 1]), index=torch.tensor([10, 11, 12, 13]))
+    assert sorted(crit.queue.index[crit.queue.valid].tolist()) == [10, 11, 12, 13]
+    query, label = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    con, con_t = crit.contrastive_terms(query, label, index=torch.tensor([10]))
+    log_prior = [math.log(0.5), math.log(0.5)]
+    both = [_lme([2.0, 0.0]) + log_prior[0], _lme([1.2, 1.6]) + log_prior[1]]  # encoder copy: all keys
+    own_out = [0.0 + log_prior[0], both[1]]  # temperature copy: key 10 (the query's image) left out
+    ce = lambda z: -(z[0] - math.log(math.exp(z[0]) + math.exp(z[1])))  # noqa: E731
+    assert con.item() == pytest.approx(ce(both), abs=1e-5)
+    assert con_t.item() == pytest.approx(ce(own_out), abs=1e-5)
+    crit.exclude_own_key = False
+    assert crit.contrastive_terms(query, label, index=torch.tensor([10]))[1].item() == pytest.approx(ce(both), abs=1e-5)
+
+
+def test_query_view_and_key_view_feed_their_own_outputs():
+    torch.manual_seed(0)
+    head = build_gml_model("resnet32", 3, method="gml").train()
+    for m in head.modules():  # BN in eval mode so the shared backbone pass is comparable image by image
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            m.eval()
+    x, xq, xk = (torch.randn(2, 3, 32, 32) for _ in range(3))
+    three = head(x, xq, xk)
+    assert torch.allclose(three["v3"], head(x)["v3"], atol=1e-5)  # classifier logits: view 1
+    assert torch.allclose(three[QUERY_KEY], head(xq)[QUERY_KEY], atol=1e-5)  # query: view 2
+    assert torch.allclose(three[KEY_KEY], head(xk)[KEY_KEY], atol=1e-5)  # key: view 3
+    assert not torch.allclose(three[QUERY_KEY], head(x)[QUERY_KEY], atol=1e-3)
+
+
+def _tiny_data(n=48, k=3):
+    from mbib.data import ImageData
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % k
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return ImageData(name="tiny", x_train=x, y_train=y, x_test=x[:12], y_test=y[:12], classes=["a", "b", "c"],
+                     class_counts=torch.bincount(y, minlength=k).tolist(), mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _gml_config(method="mbib-gml", views=3, batch=8):
+    from mbib.config import TrainConfig, apply_overrides
+
+    return apply_overrides(TrainConfig(), {"loss.method": method, "loss.gml_views": views, "optim.batch_size": batch,
+                                           "optim.warmup_epochs": 1, "optim.lr": 0.01})
+
+
+def test_engine_ramps_mbib_gml_vsd_weight_and_feeds_three_views():
+    from mbib.train.engine import Engine
+
+    engine = Engine(_gml_config(), _tiny_data(), torch.device("cpu"))
+    assert engine.beta == 5.0 and engine.views == 3
+    batches = engine.epoch_batches(0)
+    first = next(batches)
+    assert len(first.views) == 2 and all(v.shape == first.x.shape for v in first.views)
+    assert not torch.equal(first.views[0], first.x)  # separate draws of the augmentation
+    engine.train_step(first)
+    assert engine.criterion.base.beta == 0.0  # step 0 of a one-epoch (6-step) ramp
+    engine.train_step(next(batches))
+    assert engine.criterion.base.beta == pytest.approx(5.0 / 6)
+    assert sorted(engine.criterion.queue.index[engine.criterion.queue.valid].tolist()) == sorted(
+        torch.cat([first.index, engine.batches.shard_indices()[8:16]]).tolist())
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mbib.train.engine import Engine
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    engine = Engine(_gml_config("gml", batch=8), _tiny_data(), torch.device("cpu"), rank=rank, world_size=world,
+                    wrap_model=DistributedDataParallel)
+    batches = engine.epoch_batches(0)
+    for _ in range(2):
+        engine.train_step(next(batches))
+    q = engine.criterion.queue
+    torch.save({"checksum": engine.param_checksum(), "keys": q.keys.clone(), "index": q.index.clone(),
+                "log_t": engine.criterion.log_temperature.detach().clone()}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_share_one_queue_and_temperature(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(a["keys"], b["keys"]) and torch.equal(a["index"], b["index"])
+    assert (a["index"] >= 0).sum().item() == 16  # 2 steps x 2 ranks x 4 images, gathered into both queues
+    assert torch.equal(a["log_t"], b["log_t"]) and a["checksum"] == b["checksum"]

@@ -242,6 +242,18 @@ def test_mbib_is_weighted_sum_of_bibs():
     assert all_ == pytest.approx(got + 0.1 * bib("v1", "v2") + 0.3 * bib("v2", "v3"), rel=1e-6)
 
 
+def test_input_tap_x_is_the_shallowest_observation_of_4_mbib_x():
+    out = fake_outputs(["x", "v1", "v2", "v3", "z"])
+    labels = torch.tensor([0, 1, 2, 2])
+
+    def bib(v):
+        return float(bib_loss(out[v], out["z"], labels, COUNTS, beta=2.0))
+
+    got = float(mbib_loss(out, labels, COUNTS, a=0.3, b=0.3, beta=2.0))  # Table 4: a = b = 0.3
+    assert got == pytest.approx(0.3 * (bib("x") + bib("v1") + bib("v2")) + bib("v3"), rel=1e-6)
+    assert {"bsc_x", "bsc_z@x", "vsd_x"} <= set(mbib_loss_terms(out, labels, COUNTS))
+
+
 def test_se_mbib_teacher_is_the_shallower_tap():
     out = fake_outputs(["v1", "v2", "v3", "z"], grad=True)
     terms = mbib_loss_terms(out, torch.tensor([0, 1, 2, 2]), COUNTS, wiring="se")

@@ -16,8 +16,8 @@ def test_mbib_learns_mnist_lt(data_root):
     losses = []
     for epoch in range(cfg.optim.epochs):
         engine.criterion.set_epoch(epoch)
-        for x, y in engine.epoch_batches(epoch):
-            loss, _ = engine.train_step(x, y)
+        for batch in engine.epoch_batches(epoch):
+            loss, _ = engine.train_step(batch)
             losses.append(float(loss))
             if len(losses) >= 200:
                 break

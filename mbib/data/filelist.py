@@ -90,6 +90,22 @@ class FileListDataset(Dataset):
         return self.transform(img), self.labels[index]
 
 
+class IndexedViews(Dataset):
+    """Items of another dataset as (views, label, index): ``views`` transformed draws of the image, stacked
+    as [V, 3, H, W] when V > 1 (GML's classifier/query/key views), plus the dataset index."""
+
+    def __init__(self, dataset: Dataset, views: int = 1):
+        self.dataset, self.views = dataset, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        draws = [self.dataset[index] for _ in range(self.views)]  # each call applies the random transform anew
+        x = draws[0][0] if self.views == 1 else torch.stack([d[0] for d in draws])
+        return x, draws[0][1], index
+
+
 @dataclass
 class FileListData:
     """Train and test datasets of a file-list data set and the training images per class."""

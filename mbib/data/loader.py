@@ -17,10 +17,13 @@ from mbib.errors import ConfigError
 
 
 class BatchIterator:
-    """Iterates (x, y) batches of this rank's shard; x and y stay on their device and dtype (uint8 images)."""
+    """Iterates (x, y) batches of this rank's shard; x and y stay on their device and dtype (uint8 images).
+
+    With ``return_index`` the batches are (x, y, dataset indices) (GML matches queued keys to images by them).
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False, return_index: bool = False):
         if len(x) != len(y):
             raise ConfigError(f"images and labels differ in length ({len(x)} vs {len(y)}): pass matching tensors")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -31,6 +34,7 @@ class BatchIterator:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.return_index = return_index
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -59,8 +63,9 @@ class BatchIterator:
             order = torch.cat([order, order[: total - n]])
         return order[:total][self.rank::self.world_size]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         idx = self.shard_indices()
         for b in range(len(self)):
             batch = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.x[batch.to(self.x.device)], self.y[batch.to(self.y.device)]
+            out = (self.x[batch.to(self.x.device)], self.y[batch.to(self.y.device)])
+            yield (*out, batch) if self.return_index else out

@@ -17,13 +17,18 @@ from torchvision.transforms import v2
 _AUTOAUGMENT = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
 
 
+def _draw_on(generator) -> dict:
+    """Random draws must happen on the generator's device (a CUDA generator cannot fill CPU tensors)."""
+    return {"generator": generator, "device": generator.device if generator is not None else None}
+
+
 def random_crop_flip(x: torch.Tensor, pad: int = 4, generator=None) -> torch.Tensor:
     """Per-image random crop from the zero-padded batch, then a random horizontal flip (uint8 kept)."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    oy = torch.randint(0, 2 * pad + 1, (b,), **_draw_on(generator)).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b,), **_draw_on(generator)).to(x.device)
+    flip = (torch.rand(b, **_draw_on(generator)) < 0.5).to(x.device)
     rows = oy[:, None] + torch.arange(h, device=x.device)
     cols = ox[:, None] + torch.arange(w, device=x.device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # flipping = reading the columns backwards
@@ -34,8 +39,8 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, generator=None) -> torch.Ten
 def cutout(x: torch.Tensor, length: int = 16, generator=None) -> torch.Tensor:
     """Zero one length x length square per image, centred uniformly, clipped at the border (DeVries)."""
     b, _, h, w = x.shape
-    cy = torch.randint(0, h, (b,), generator=generator).to(x.device)
-    cx = torch.randint(0, w, (b,), generator=generator).to(x.device)
+    cy = torch.randint(0, h, (b,), **_draw_on(generator)).to(x.device)
+    cx = torch.randint(0, w, (b,), **_draw_on(generator)).to(x.device)
     half = length // 2
     ys = torch.arange(h, device=x.device)
     xs = torch.arange(w, device=x.device)
@@ -47,7 +52,7 @@ def cutout(x: torch.Tensor, length: int = 16, generator=None) -> torch.Tensor:
 
 def auto_augment(x: torch.Tensor, chunk_size: int = 1, generator=None) -> torch.Tensor:
     """torchvision AutoAugment (CIFAR10 policy), one sampled sub-policy per chunk of images."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
+    seed = int(torch.randint(0, 2**62, (1,), **_draw_on(generator))) if generator is not None else None
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)

@@ -161,9 +161,10 @@ def bib_loss(v_logits: Tensor, z_logits: Tensor, labels: Tensor, class_counts: A
 
 
 def tap_keys(outputs: Mapping[str, Tensor]) -> list[str]:
-    """The observation keys "v1".."vn" present in a model's outputs, shallow to deep."""
-    keys = [k for k in outputs if k.startswith("v") and k[1:].isdigit()]
-    return sorted(keys, key=lambda k: int(k[1:]))
+    """The observation keys present in a model's outputs, shallow to deep: "x" (the input tap of Table 4's
+    4-MBIB(x)) first when there, then "v1".."vn"."""
+    keys = sorted((k for k in outputs if k.startswith("v") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    return (["x"] if "x" in outputs else []) + keys
 
 
 def tap_weights(n_taps: int, a: float, b: float) -> list[float]:

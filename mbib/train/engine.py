@@ -7,8 +7,9 @@ drive it directly. Distributed pieces (DDP, all-reduce of the confusion matrix) 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -17,11 +18,11 @@ from torch import nn
 from mbib import data as mdata
 from mbib.config import TrainConfig
 from mbib.data.filelist import FILE_LISTS, IMAGENET_MEAN, IMAGENET_STD
-from mbib.errors import ConfigError
+from mbib.errors import ConfigError, TrainingError
 from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion
 from mbib.metrics import shot_groups
 from mbib.models import build_model, ensemble_logits
-from mbib.gml import GML_METHODS, GMLHead, register_gml_methods
+from mbib.gml import GML_METHODS, INDEX_KEY, GMLHead, register_gml_methods
 from mbib.train.schedule import lr_factor
 
 register_gml_methods()  # "gml" and "mbib-gml" train through the same engine
@@ -54,10 +55,21 @@ def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     options: dict[str, Any] = {"head": METHODS[method], "num_taps": cfg.model.num_taps, **METHOD_MODEL_OPTIONS.get(method, {})}
     if cfg.model.z_dim is not None:
         options["z_dim"] = cfg.model.z_dim
+    if cfg.model.input_tap:
+        options["input_tap"] = True
     return {"name": cfg.model.arch, "num_classes": num_classes, "options": options}
 
 
 Data = mdata.ImageData | mdata.FileListData  # in-memory tensors (CIFAR, MNIST, npz) or image files (ImageNet-LT)
+
+
+class Batch(NamedTuple):
+    """One training batch on the device: normalised, augmented images and what the losses need besides."""
+
+    x: torch.Tensor  # [B, 3, H, W], the view the classifier heads see
+    y: torch.Tensor  # [B] labels
+    index: torch.Tensor  # [B] dataset indices (GML leaves a query's own keys out of its temperature term)
+    views: tuple[torch.Tensor, ...] = ()  # further views of the same images (GML: query, key)
 
 
 def class_names(d: Data) -> list[str]:
@@ -145,6 +157,10 @@ class Engine:
         self.beta = getattr(self.criterion, "beta", None)  # the VSD weight the ramp scales (BIB family only)
         ramp = cfg.loss.vsd_warmup_epochs
         self.vsd_warmup = cfg.optim.warmup_epochs if ramp is None else ramp
+        self.gml = method in GML_METHODS
+        self.views = cfg.loss.gml_views if self.gml else 1
+        if self.views not in (1, 3):
+            raise ConfigError(f"loss.gml_views={self.views} is not supported: use 3 (as GML publishes) or 1")
         self.model = self.wrap_model(self.net)
         params = list(self.net.parameters()) + [p for p in self.criterion.parameters() if p.requires_grad]
         no_decay = {id(p) for p in getattr(self.criterion, "no_weight_decay_params", lambda: [])()}
@@ -164,15 +180,20 @@ class Engine:
         self.augment = AUGMENTATIONS[cfg.data.augment]
 
     def _train_batches(self):
-        """uint8 batches to augment on the device, or a DataLoader of decoded files (DDP-sharded either way)."""
+        """(x, y, index) batches, DDP-sharded: uint8 images to augment on the device, or a DataLoader of
+        decoded files (``self.views`` transformed draws of each)."""
         seed = self.cfg.runtime.seed
         if self.in_memory:
             return mdata.BatchIterator(self.data.x_train, self.data.y_train, batch_size=self.local_batch,
-                                       shuffle=True, seed=seed, rank=self.rank, world_size=self.world_size)
+                                       shuffle=True, seed=seed, rank=self.rank, world_size=self.world_size,
+                                       return_index=True)
         from torch.utils.data import DataLoader, DistributedSampler
 
-        sampler = DistributedSampler(self.data.train, num_replicas=self.world_size, rank=self.rank, seed=seed)
-        loader = DataLoader(self.data.train, batch_size=self.local_batch, sampler=sampler,
+        from mbib.data.filelist import IndexedViews
+
+        train = IndexedViews(self.data.train, self.views)
+        sampler = DistributedSampler(train, num_replicas=self.world_size, rank=self.rank, seed=seed)
+        loader = DataLoader(train, batch_size=self.local_batch, sampler=sampler,
                             num_workers=self.cfg.data.loader_workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=self.cfg.data.loader_workers > 0)
         loader.set_epoch = sampler.set_epoch
@@ -204,32 +225,37 @@ class Engine:
     def _autocast(self):
         return torch.autocast("cuda", dtype=self.opts.amp_dtype, enabled=self.opts.amp_dtype is not None)
 
-    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         """Augmented, normalised batches of this worker's shard; seeded by (seed, epoch, rank) for exact resumes."""
         self.batches.set_epoch(epoch)
         gen = torch.Generator(device=self.device).manual_seed(
             self.cfg.runtime.seed * 1_000_003 + epoch * 1_009 + self.rank)
-        for x, y in self.batches:
+        for x, y, index in self.batches:
             x = self._to_device(x)
-            if self.in_memory:
-                x = self.augment(x, self.data.mean, self.data.std, generator=gen)
-            yield x, y.to(self.device, non_blocking=True)
+            if self.in_memory:  # each view is its own draw of the augmentation
+                views = [self.augment(x, self.data.mean, self.data.std, generator=gen) for _ in range(self.views)]
+            else:  # the DataLoader already drew the views: [B, V, 3, H, W] when V > 1
+                views = [self._to_device(v) for v in x.unbind(1)] if self.views > 1 else [x]
+            yield Batch(views[0], y.to(self.device, non_blocking=True), index.to(self.device), tuple(views[1:]))
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step; returns the (detached) loss and its terms. The caller checks finiteness."""
         self.model.train()
         if self.beta is not None and self.vsd_warmup > 0:
             self.criterion.beta = self.beta * min(1.0, self.global_step / (self.vsd_warmup * self.steps_per_epoch))
         with self._autocast():
-            outputs = self.model(x)
+            outputs = self.model(batch.x, *batch.views)
         outputs = {k: v.float() for k, v in outputs.items()}
-        loss, terms = self.criterion(outputs, y)
+        if self.gml:
+            outputs[INDEX_KEY] = batch.index
+        loss, terms = self.criterion(outputs, batch.y)
         if self.cfg.runtime.inject_nan_step is not None and self.global_step == self.cfg.runtime.inject_nan_step:
             loss = loss * float("nan")
         if not self.all_finite(loss):
             return loss.detach(), terms
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.sync_criterion_grads()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -239,10 +265,40 @@ class Engine:
         self.global_step += 1
         return loss.detach(), terms
 
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch; returns images/s (all workers) and the mean loss terms. A NaN stops every worker."""
+        self.criterion.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        n, images, t0 = 0, 0, time.perf_counter()
+        for batch in self.epoch_batches(epoch):
+            loss, terms = self.train_step(batch)
+            if not torch.isfinite(loss):
+                # the flag was all-reduced, so every worker stops here together with the same message
+                raise TrainingError(f"loss became NaN at step {self.global_step} (epoch {epoch}): "
+                                    "lower optim.lr or check the data; the run stopped there")
+            for k, v in terms.items():  # summed on the device: one transfer per epoch, not per step
+                sums[k] = sums.get(k, 0.0) + v.float()
+            n += 1
+            images += len(batch.y)
+        seconds = max(1e-9, time.perf_counter() - t0)
+        return {"images_per_s": images * self.world_size / seconds,
+                **mean_terms({k: float(v) for k, v in sums.items()}, n)}
+
+    def sync_criterion_grads(self) -> None:
+        """Average the gradients of the loss's own parameters (GML's temperatures): DDP covers the model only."""
+        if self.world_size == 1:
+            return
+        for p in self.criterion.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+
     def param_checksum(self) -> float:
-        """Sum and sum of squares of all weights: equal on every DDP worker when they are in sync."""
+        """Sum and sum of squares of all weights and loss state: equal on every DDP worker when they are in sync."""
+        tensors = [*self.net.parameters(), *self.criterion.parameters(),
+                   *(b for b in self.criterion.buffers() if b.is_floating_point())]
         with torch.no_grad():
-            return float(sum(p.double().sum() + p.double().square().sum() for p in self.net.parameters()))
+            return float(sum(p.double().sum() + p.double().square().sum() for p in tensors))
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Finite on every worker: a NaN anywhere must stop all of them at the same step."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import ray.train
@@ -12,8 +11,7 @@ import torch
 
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from mbib.config import TrainConfig
-from mbib.errors import TrainingError
-from mbib.train.engine import Engine, load_data, mean_terms
+from mbib.train.engine import Engine, load_data
 
 
 class InjectedFault(RuntimeError):
@@ -46,22 +44,8 @@ def train_loop_per_worker(config: dict) -> None:
     epochs = cfg.optim.epochs
     bar = _progress(rank, cfg, start_epoch)
     for epoch in range(start_epoch, epochs):
-        engine.criterion.set_epoch(epoch)
-        sums: dict[str, float] = {}
-        n, t0, images = 0, time.perf_counter(), 0
-        for x, y in engine.epoch_batches(epoch):
-            loss, terms = engine.train_step(x, y)
-            if not torch.isfinite(loss):
-                # the flag was all-reduced, so every worker stops here together with the same message
-                raise TrainingError(f"loss became NaN at step {engine.global_step} (epoch {epoch}): "
-                                    "lower optim.lr or check the data; the run stopped there")
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-            images += len(y)
-        metrics = {"epoch": epoch, "lr": engine.optimizer.param_groups[0]["lr"],
-                   "images_per_s": images * world / max(1e-9, time.perf_counter() - t0),
-                   "param_checksum": engine.param_checksum(), **mean_terms(sums, n)}
+        metrics = {"epoch": epoch, **engine.run_epoch(epoch), "lr": engine.optimizer.param_groups[0]["lr"],
+                   "param_checksum": engine.param_checksum()}
         is_eval = (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs
         if not is_eval:
             ray.train.report(metrics)
