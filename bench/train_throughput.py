@@ -72,6 +72,20 @@ def time_steps(step, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def machine() -> dict:
+    """Where a measurement ran, for the result file."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+
+
+def write_result(result: dict, out: str) -> dict:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -145,15 +159,11 @@ def main(argv=None) -> dict:
         "ratio_full_over_naive": med["full"] / med["naive"],
         "per_round": rates,
         "dataset": dataset, "batch_size": args.batch_size, "steps_per_round": args.steps, "rounds": args.rounds,
-        "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        "amp_dtype": str(opts.amp_dtype), "channels_last": opts.channels_last, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "loader_workers": args.loader_workers,
+        "device": str(device), "amp_dtype": str(opts.amp_dtype), "channels_last": opts.channels_last,
+        "loader_workers": args.loader_workers, **machine(),
     }
     print(f"(2)/(1) = {result['ratio_full_over_bare']:.3f}   (2)/(3) = {result['ratio_full_over_naive']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,25 @@
 """The strong CIFAR augmentation of PaCo and GML, on uint8 batches: crop, flip, AutoAugment, Cutout.
 
 Order follows the authors' pipeline: random crop (zero pad 4) -> horizontal flip -> AutoAugment
-(CIFAR10 policy) -> Cutout (one 16 px square, zeroed, centre anywhere in the image, clipped) -> normalise.
-torchvision's v2.AutoAugment draws one sub-policy per call and applies it to the whole tensor, so we call
-it per chunk of ``chunk_size`` images (default 1: every image its own policy, as in a per-image
-PIL pipeline; larger chunks trade diversity for speed). AutoAugment samples from torch's global RNG, so
-with a ``generator`` we run it under a forked RNG seeded from that generator: reproducible, and the
-caller's global RNG stream is left untouched.
+(CIFAR10 policy, each image its own sub-policy: mbib.data.autoaugment) -> Cutout (one 16 px square,
+zeroed, centre anywhere in the image, clipped) -> normalise. Every random draw comes from ``generator``
+(on its device), so runs are reproducible and the caller's global RNG stream is left untouched.
 """
 
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import v2
 
-_AUTOAUGMENT = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
-
-
-def _draw_on(generator) -> dict:
-    """Random draws must happen on the generator's device (a CUDA generator cannot fill CPU tensors)."""
-    return {"generator": generator, "device": generator.device if generator is not None else None}
+from mbib.data.autoaugment import auto_augment, draw_on
 
 
 def random_crop_flip(x: torch.Tensor, pad: int = 4, generator=None) -> torch.Tensor:
     """Per-image random crop from the zero-padded batch, then a random horizontal flip (uint8 kept)."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), **_draw_on(generator)).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (b,), **_draw_on(generator)).to(x.device)
-    flip = (torch.rand(b, **_draw_on(generator)) < 0.5).to(x.device)
+    oy = torch.randint(0, 2 * pad + 1, (b,), **draw_on(generator)).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b,), **draw_on(generator)).to(x.device)
+    flip = (torch.rand(b, **draw_on(generator)) < 0.5).to(x.device)
     rows = oy[:, None] + torch.arange(h, device=x.device)
     cols = ox[:, None] + torch.arange(w, device=x.device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # flipping = reading the columns backwards
@@ -39,8 +30,8 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, generator=None) -> torch.Ten
 def cutout(x: torch.Tensor, length: int = 16, generator=None) -> torch.Tensor:
     """Zero one length x length square per image, centred uniformly, clipped at the border (DeVries)."""
     b, _, h, w = x.shape
-    cy = torch.randint(0, h, (b,), **_draw_on(generator)).to(x.device)
-    cx = torch.randint(0, w, (b,), **_draw_on(generator)).to(x.device)
+    cy = torch.randint(0, h, (b,), **draw_on(generator)).to(x.device)
+    cx = torch.randint(0, w, (b,), **draw_on(generator)).to(x.device)
     half = length // 2
     ys = torch.arange(h, device=x.device)
     xs = torch.arange(w, device=x.device)
@@ -50,19 +41,10 @@ def cutout(x: torch.Tensor, length: int = 16, generator=None) -> torch.Tensor:
     return x.masked_fill(hole, 0)
 
 
-def auto_augment(x: torch.Tensor, chunk_size: int = 1, generator=None) -> torch.Tensor:
-    """torchvision AutoAugment (CIFAR10 policy), one sampled sub-policy per chunk of images."""
-    seed = int(torch.randint(0, 2**62, (1,), **_draw_on(generator))) if generator is not None else None
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        return torch.cat([_AUTOAUGMENT(chunk) for chunk in x.split(chunk_size)])
-
-
-def strong_augment(x_uint8: torch.Tensor, mean, std, generator=None, chunk_size: int = 1) -> torch.Tensor:
+def strong_augment(x_uint8: torch.Tensor, mean, std, generator=None) -> torch.Tensor:
     """Crop + flip + AutoAugment + Cutout 16, normalised to float [B, C, H, W] (cifar_augment's signature)."""
     x = random_crop_flip(x_uint8, generator=generator)
-    x = auto_augment(x, chunk_size=chunk_size, generator=generator)
+    x = auto_augment(x, generator=generator)
     x = cutout(x, generator=generator)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device)[None, :, None, None]
     std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device)[None, :, None, None]
