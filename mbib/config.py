@@ -43,6 +43,7 @@ class LossConfig:
     # Not in the paper: without it a VSD teacher that is still random collapses z on short schedules.
     vsd_warmup_epochs: float | None = None
     gml_views: int = 3  # GML methods: 3 augmented views (classifier, query, key) as published, or 1 shared view
+    gml_weight: float = 1.0  # GML methods: weight of the contrastive term (con + con_T); the authors use 1
 
 
 @dataclass

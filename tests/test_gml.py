@@ -259,10 +259,11 @@ def _gml_config(method="mbib-gml", views=3, batch=8):
 
 
 def test_engine_ramps_mbib_gml_vsd_weight_and_feeds_three_views():
+    from mbib.config import apply_overrides
     from mbib.train.engine import Engine
 
-    engine = Engine(_gml_config(), _tiny_data(), torch.device("cpu"))
-    assert engine.beta == 5.0 and engine.views == 3
+    engine = Engine(apply_overrides(_gml_config(), {"loss.gml_weight": 0.3}), _tiny_data(), torch.device("cpu"))
+    assert engine.beta == 5.0 and engine.views == 3 and engine.criterion.con_weight == 0.3
     batches = engine.epoch_batches(0)
     first = next(batches)
     assert len(first.views) == 2 and all(v.shape == first.x.shape for v in first.views)

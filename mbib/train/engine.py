@@ -87,7 +87,8 @@ def data_spec(d: Data) -> dict[str, Any]:
 
 def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:
     loss = cfg.loss
-    return {"beta": loss.beta, "a": loss.a, "b": loss.b, "m": loss.m, "gamma": loss.gamma, "drw_epoch": loss.drw_epoch}
+    return {"beta": loss.beta, "a": loss.a, "b": loss.b, "m": loss.m, "gamma": loss.gamma, "drw_epoch": loss.drw_epoch,
+            "con_weight": loss.gml_weight}
 
 
 def load_data(cfg: TrainConfig) -> Data:
