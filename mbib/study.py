@@ -25,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from mbib import tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig, apply_overrides, preset
+from mbib.data.datasets import pinned_data_root
 from mbib.errors import ConfigError, TrainingError
 from mbib.raylocal import ensure_ray
 
@@ -58,6 +59,7 @@ class StudySpec:
 
     def base_config(self, ds: DatasetSpec) -> TrainConfig:
         cfg = apply_overrides(preset(self.preset), {**self.overrides, **ds.overrides})
+        cfg.data.data_root = pinned_data_root(cfg.data.data_root)  # trials run in other working directories
         if self.gpus_per_trial > 0:  # a fraction of a GPU per Train worker lets small trials share one GPU
             cfg = apply_overrides(cfg, {"runtime.use_gpu": True,
                                         "runtime.gpus_per_worker": self.gpus_per_trial / cfg.runtime.num_workers})

@@ -397,3 +397,15 @@ def test_missing_file_list_names_expected_path(tmp_path):
     with pytest.raises(DataError) as err:
         load_filelist_data("inat2018", tmp_path)
     assert str(tmp_path / "iNaturalist18_train.txt") in one_line(err)
+
+
+def test_relative_data_roots_are_pinned_to_absolute_paths(tmp_path, monkeypatch):
+    from mbib.data.datasets import pinned_data_root
+
+    (tmp_path / "d").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert pinned_data_root("d") == str(tmp_path / "d")  # Ray workers run in another working directory
+    monkeypatch.setenv("MBIB_DATA_ROOT", "d")
+    assert pinned_data_root(None) == str(tmp_path / "d")
+    monkeypatch.delenv("MBIB_DATA_ROOT")
+    assert pinned_data_root(None) is None

@@ -57,6 +57,13 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> Path | None:
     return Path(root).expanduser() if root is not None else None
 
 
+def pinned_data_root(data_root: str | os.PathLike | None) -> str | None:
+    """The data root (argument, else $MBIB_DATA_ROOT) as an absolute path, or None: configs handed to Ray
+    workers must not depend on the driver's working directory or environment."""
+    root = resolve_data_root(data_root)
+    return str(root.resolve()) if root is not None else None
+
+
 def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalance_factor: float = 100,
                  seed: int = 0, download: bool = True) -> ImageData:
     """Load `name` ("cifar100-lt", "cifar10-lt", "mnist-lt", "digits-lt" or "npz:PATH") long-tailed by IF."""

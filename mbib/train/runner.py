@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 from mbib import tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig
+from mbib.data.datasets import pinned_data_root
 from mbib.errors import MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
 from mbib.train.engine import class_names, load_data
@@ -96,6 +97,7 @@ def root_cause(exc: BaseException) -> BaseException:
 def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | None = None,
                  parent_run_id: str | None = None) -> TrainOutcome:
     """Train on Ray Train; record params, per-epoch metrics and artifacts in MLflow; return the outcome."""
+    cfg.data.data_root = pinned_data_root(cfg.data.data_root)  # workers run in another working directory
     data = load_data(cfg)  # fail fast on the driver with a one-line error, before any worker starts
     cfg.run_name = cfg.run_name or f"{cfg.loss.method}-{Path(cfg.data.dataset).stem}-{uuid.uuid4().hex[:6]}"
     ensure_ray()
