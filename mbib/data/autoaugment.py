@@ -11,6 +11,7 @@ centre, integer translations); tests check each op against torchvision image by 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -146,7 +147,7 @@ def _op(name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown AutoAugment op {name!r}")
 
 
-
+@functools.lru_cache(maxsize=8)  # built once per image size, not once per batch and view
 def _policy_tables(height: int, width: int) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy as tensors [25, 2]: op ids (into the returned names), probabilities, magnitudes, signedness."""
     names = sorted({op for sub in CIFAR10_POLICY for op, _, _ in sub})

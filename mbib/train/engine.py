@@ -240,7 +240,11 @@ class Engine:
             yield Batch(views[0], y.to(self.device, non_blocking=True), index.to(self.device), tuple(views[1:]))
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimisation step; returns the (detached) loss and its terms. The caller checks finiteness."""
+        """One optimisation step; returns the (detached) loss and its terms.
+
+        A non-finite loss on any worker raises TrainingError on every worker at the same step (the flag is
+        all-reduced), before the weights change.
+        """
         self.model.train()
         if self.beta is not None and self.vsd_warmup > 0:
             self.criterion.beta = self.beta * min(1.0, self.global_step / (self.vsd_warmup * self.steps_per_epoch))
@@ -253,7 +257,8 @@ class Engine:
         if self.cfg.runtime.inject_nan_step is not None and self.global_step == self.cfg.runtime.inject_nan_step:
             loss = loss * float("nan")
         if not self.all_finite(loss):
-            return loss.detach(), terms
+            raise TrainingError(f"loss became NaN at step {self.global_step} (epoch {self.criterion.epoch}): "
+                                "lower optim.lr or check the data; the run stopped there")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.sync_criterion_grads()
@@ -272,11 +277,7 @@ class Engine:
         sums: dict[str, torch.Tensor] = {}
         n, images, t0 = 0, 0, time.perf_counter()
         for batch in self.epoch_batches(epoch):
-            loss, terms = self.train_step(batch)
-            if not torch.isfinite(loss):
-                # the flag was all-reduced, so every worker stops here together with the same message
-                raise TrainingError(f"loss became NaN at step {self.global_step} (epoch {epoch}): "
-                                    "lower optim.lr or check the data; the run stopped there")
+            _, terms = self.train_step(batch)  # checks finiteness itself: no second host sync here
             for k, v in terms.items():  # summed on the device: one transfer per epoch, not per step
                 sums[k] = sums.get(k, 0.0) + v.float()
             n += 1
