@@ -296,14 +296,11 @@ def _ddp_worker(rank, world, port, out):
 
 
 def test_two_ddp_ranks_share_one_queue_and_temperature(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    from mbib.raylocal import free_port
+
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     a, b = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert torch.equal(a["keys"], b["keys"]) and torch.equal(a["index"], b["index"])
     assert (a["index"] >= 0).sum().item() == 16  # 2 steps x 2 ranks x 4 images, gathered into both queues

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import sys
 import zlib
@@ -22,16 +21,11 @@ from serving_helpers import digits, normalise, train_tiny_checkpoint, write_pari
 from mbib.checkpoint import model_from_checkpoint  # noqa: E402
 from mbib.export import export_onnx  # noqa: E402
 from mbib.models import ensemble_logits  # noqa: E402
+from mbib.raylocal import free_port  # noqa: E402
 from mbib.serving import cuda_present  # noqa: E402
 
 BODY_LIMIT = 200_000
 PIXEL_LIMIT = 1_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def service(tmp_path_factory, ray_local):
     ckpt = train_tiny_checkpoint(tmp / "run")
     export_onnx(ckpt, tmp / "model.onnx", parity_npz=str(write_parity_npz(tmp / "parity.npz")))
     model, state = model_from_checkpoint(ckpt)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(model_path=str(tmp / "model.onnx"), num_replicas=1, num_cpus=0.5, max_batch_size=8,
                              batch_wait_timeout_s=0.01, max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
