@@ -67,6 +67,7 @@ def _moved(batch: Batch, device: torch.device) -> Batch:
 def section_parity(device: torch.device, dataset: str, data_root: str | None) -> dict:
     """fp32 on CPU vs the device (TF32 off), then AMP + channels_last on the device, from one batch."""
     out = {}
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cpu_cfg = config(dataset, data_root, **{"runtime.amp": False, "runtime.channels_last": False})
     data = load_data(cpu_cfg)
@@ -81,7 +82,7 @@ def section_parity(device: torch.device, dataset: str, data_root: str | None) ->
                      "loss_rel_diff": abs(float(loss) - float(loss_cpu)) / abs(float(loss_cpu)),
                      "checksum_rel_diff": abs(eng.param_checksum() - cpu.param_checksum()) / cpu.param_checksum(),
                      "finite": bool(torch.isfinite(loss)), "terms": sorted(terms)}
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
 
 
