@@ -10,9 +10,11 @@ from mbib.errors import MBIBError
 
 # flag -> dotted config key; every other setting goes through --set KEY=VALUE
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
-    "dataset": ("data.dataset", str, "cifar100-lt, cifar10-lt, mnist-lt, digits-lt, npz:PATH, imagenet-lt, inat2018"),
+    "dataset": ("data.dataset", str, "cifar100-lt, cifar10-lt, mnist-lt, digits-lt, npz:PATH, imagefolder:PATH "
+                "(a folder or .zip with train/<class>/ and test/<class>/), imagenet-lt, inat2018"),
     "data_root": ("data.data_root", str, "folder holding the data (default $MBIB_DATA_ROOT)"),
-    "imbalance_factor": ("data.imbalance_factor", float, "IF = n_max / n_min of the long-tailed training set"),
+    "imbalance_factor": ("data.imbalance_factor", float, "IF = n_max / n_min of the long-tailed training set "
+                         "(image folders: used as stored unless given)"),
     "augment": ("data.augment", str, "standard (crop+flip) or strong (AutoAugment+Cutout)"),
     "arch": ("model.arch", str, "resnet32, resnet10, resnet50, resnext50_32x4d"),
     "method": ("loss.method", str, "mbib, bib, ce, focal, bsce, ldam-drw, ... (see mbib.losses.METHODS)"),
@@ -69,6 +71,9 @@ def config_from_args(args: argparse.Namespace):
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
     cfg = preset(args.preset)
+    if str(overrides.get("data.dataset", "")).lower().startswith("imagefolder:") and \
+            "data.imbalance_factor" not in overrides:  # an image folder is a long-tailed set as it is
+        overrides["data.imbalance_factor"] = None
     if args.epochs is not None:  # a shorter run keeps the paper's schedule shape: warm-up and milestones scale
         cfg.optim = scale_schedule(cfg.optim, args.epochs)
     return apply_overrides(cfg, overrides)

@@ -13,9 +13,11 @@ from mbib.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar100-lt"  # cifar100-lt, cifar10-lt, mnist-lt, digits-lt, npz:PATH, imagenet-lt, inat2018
+    # cifar100-lt, cifar10-lt, mnist-lt, digits-lt, npz:PATH, imagefolder:PATH, imagenet-lt, inat2018
+    dataset: str = "cifar100-lt"
     data_root: str | None = None  # None -> $MBIB_DATA_ROOT
-    imbalance_factor: float = 100.0
+    imbalance_factor: float | None = 100.0  # None: the training set as stored (image folders' default)
+    image_size: int | None = None  # image folders: resize to this (None: the model's input size, 32 for resnet32)
     augment: str = "standard"  # "standard" (crop+flip, the paper's) or "strong" (AutoAugment+Cutout, GML's)
     limit_train: int | None = None  # keep only the first N long-tailed training images (smoke runs, tests)
     limit_test: int | None = None
@@ -63,10 +65,10 @@ class OptimConfig:
 class RuntimeConfig:
     num_workers: int = 1
     use_gpu: bool | None = None  # None -> use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: CPU workers share all the cluster's CPUs, GPU workers take 1
     gpus_per_worker: float = 1.0
-    amp: bool = True  # only takes effect on CUDA
-    channels_last: bool = True  # only takes effect on CUDA
+    amp: bool = True  # bf16/fp16 autocast on CUDA; bf16 on CPUs with native bf16 (AMX, AVX512-BF16)
+    channels_last: bool = True  # NHWC activations (CUDA and CPU)
     eval_every: int = 5  # evaluate (and checkpoint) every N epochs and at the end
     max_failures: int = 0
     storage_path: str | None = None  # None -> ./mbib_runs
@@ -171,7 +173,9 @@ def validate(cfg: TrainConfig) -> None:
         (min(loss.beta, loss.a, loss.b, loss.m, loss.gamma) >= 0, "loss.beta, a, b, m and gamma must be >= 0"),
         (rt.num_workers >= 1, "runtime.num_workers must be >= 1"),
         (rt.eval_every >= 1, "runtime.eval_every must be >= 1"),
-        (cfg.data.imbalance_factor >= 1, "data.imbalance_factor must be >= 1"),
+        (cfg.data.imbalance_factor is None or cfg.data.imbalance_factor >= 1,
+         "data.imbalance_factor must be >= 1 (or none: the training set as stored)"),
+        (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.augment in ("standard", "strong"), "data.augment must be 'standard' or 'strong'"),
     ]
     for ok, msg in checks:

@@ -5,7 +5,7 @@ import torch
 
 from mbib.config import TrainConfig, apply_overrides, preset
 from mbib.errors import ConfigError
-from mbib.train.engine import device_options
+from mbib.train.engine import DeviceOptions, device_options
 from mbib.train.schedule import lr_factor, scale_schedule
 
 
@@ -74,11 +74,25 @@ def test_scaled_schedule_moves_milestones_in_proportion():
 
 
 def test_device_options_gate_gpu_paths():
-    cpu = device_options(torch.device("cpu"), amp=True, channels_last=True)
-    assert cpu.amp_dtype is None and not cpu.channels_last and not cpu.grad_scaler
+    cpu = device_options(torch.device("cpu"), amp=True, channels_last=True, bf16_ok=False)
+    assert cpu.amp_dtype is None and cpu.channels_last and not cpu.grad_scaler  # no native bf16: fp32, NHWC
+    amx = device_options(torch.device("cpu"), amp=True, channels_last=True, bf16_ok=True)
+    assert amx.amp_dtype is torch.bfloat16 and not amx.grad_scaler
+    assert device_options(torch.device("cpu"), amp=False, channels_last=False, bf16_ok=True) == \
+        DeviceOptions(torch.device("cpu"), None, False, False)  # both switches turn the CPU paths off
     bf16 = device_options(torch.device("cuda"), amp=True, channels_last=True, bf16_ok=True)
     assert bf16.amp_dtype is torch.bfloat16 and bf16.channels_last and not bf16.grad_scaler
     fp16 = device_options(torch.device("cuda"), amp=True, channels_last=False, bf16_ok=False)
     assert fp16.amp_dtype is torch.float16 and fp16.grad_scaler and not fp16.channels_last
     off = device_options(torch.device("cuda"), amp=False, channels_last=True, bf16_ok=True)
     assert off.amp_dtype is None and not off.grad_scaler
+
+
+def test_cpu_workers_share_the_cluster_cpus():
+    from mbib.train.runner import worker_cpus
+
+    assert worker_cpus(None, use_gpu=False, num_workers=1, cluster_cpus=2) == 2  # one CPU worker: every core
+    assert worker_cpus(None, use_gpu=False, num_workers=2, cluster_cpus=5) == 2
+    assert worker_cpus(None, use_gpu=False, num_workers=4, cluster_cpus=2) == 1
+    assert worker_cpus(None, use_gpu=True, num_workers=2, cluster_cpus=32) == 1
+    assert worker_cpus(0.5, use_gpu=False, num_workers=1, cluster_cpus=2) == 0.5  # as asked

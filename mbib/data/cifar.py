@@ -62,7 +62,7 @@ def download_cifar(root: Path, layout: CifarLayout) -> None:
     """Fetch CIFAR through torchvision; fails fast (one-line DataError) when the host is unreachable."""
     if not _reachable(DOWNLOAD_HOST, timeout=3.0):
         raise DataError(f"{layout.title} not found under {root} and {DOWNLOAD_HOST} is unreachable: "
-                        f"put torchvision's {layout.folder}/ or a {_npz_name(layout)} there, "
+                        f"put torchvision's {layout.folder}/, a {_npz_name(layout)} there, "
                         "or pass --data-root / set MBIB_DATA_ROOT")
     try:
         import torchvision.datasets as tvd
@@ -72,11 +72,11 @@ def download_cifar(root: Path, layout: CifarLayout) -> None:
         dataset_cls(str(root), train=True, download=True)
     except Exception as err:  # network and archive errors come in many types; all mean the same to the user
         raise DataError(f"downloading {layout.title} into {root} failed ({' '.join(str(err).split())}): "
-                        f"put torchvision's {layout.folder}/ or a {_npz_name(layout)} there") from err
+                        f"put torchvision's {layout.folder}/, a {_npz_name(layout)} there") from err
 
 
 def _npz_name(layout: CifarLayout) -> str:
-    return f"cifar{layout.num_classes}.npz"
+    return f"cifar{layout.num_classes}.npz or cifar{layout.num_classes}.zip"
 
 
 def _read_batches(folder: Path, files: tuple[str, ...], layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:

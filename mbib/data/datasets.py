@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mbib.data.cifar import CIFAR10, CIFAR100, CifarLayout, download_cifar, has_cifar, read_cifar
 from mbib.data.digits import read_digits
+from mbib.data.imagefolder import index_imagefolder, read_imagefolder
 from mbib.data.longtail import longtail_indices, lt_class_counts
 from mbib.data.npz import read_npz
 from mbib.data.raw import RawData
@@ -29,7 +30,8 @@ MIN_SIZE = 32
 # Cao et al. normalise CIFAR-10 and CIFAR-100 alike with these constants (the paper follows their processing).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
-NAMES = ("cifar100-lt", "cifar10-lt", "mnist-lt", "digits-lt", "npz:PATH")
+NAMES = ("cifar100-lt", "cifar10-lt", "mnist-lt", "digits-lt", "npz:PATH", "imagefolder:PATH")
+IMAGEFOLDER = "imagefolder:"
 
 
 @dataclass
@@ -64,16 +66,29 @@ def pinned_data_root(data_root: str | os.PathLike | None) -> str | None:
     return str(root.resolve()) if root is not None else None
 
 
-def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalance_factor: float = 100,
-                 seed: int = 0, download: bool = True) -> ImageData:
-    """Load `name` ("cifar100-lt", "cifar10-lt", "mnist-lt", "digits-lt" or "npz:PATH") long-tailed by IF."""
-    if imbalance_factor < 1:
+def pinned_dataset(name: str) -> str:
+    """"npz:PATH" and "imagefolder:PATH" with PATH made absolute, for workers in other working directories."""
+    for prefix in ("npz:", IMAGEFOLDER):
+        if name.strip().lower().startswith(prefix):
+            return prefix + str(Path(name.strip()[len(prefix):]).expanduser().resolve())
+    return name
+
+
+def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalance_factor: float | None = 100,
+                 seed: int = 0, download: bool = True, image_size: int | None = None) -> ImageData:
+    """Load `name` (see NAMES) long-tailed by IF (None: the training set as stored).
+
+    `image_size` resizes the images of an image folder that differ from it (None: they must share one size).
+    """
+    if imbalance_factor is not None and imbalance_factor < 1:
         raise ConfigError(f"imbalance factor must be >= 1 (N_max/N_min), got {imbalance_factor}")
     key = name.strip().lower()
     root = resolve_data_root(data_root)
     stats = None
     if key.startswith("npz:"):
         raw = read_npz(Path(name.strip()[4:]).expanduser())
+    elif key.startswith(IMAGEFOLDER):
+        raw = read_imagefolder(index_imagefolder(imagefolder_path(name)), image_size)
     elif key in ("cifar100-lt", "cifar10-lt"):
         raw = _load_cifar(CIFAR100 if key == "cifar100-lt" else CIFAR10, root, download)
         stats = (CIFAR_MEAN, CIFAR_STD)
@@ -83,18 +98,28 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalanc
         raw = read_digits()
     else:
         raise ConfigError(f"unknown data set '{name}': choose one of {', '.join(NAMES)}")
-    return build_longtail(raw, name.strip() if key.startswith("npz:") else key, imbalance_factor, seed, stats)
+    keep_name = name.strip() if key.startswith(("npz:", IMAGEFOLDER)) else key
+    return build_longtail(raw, keep_name, imbalance_factor, seed, stats)
 
 
-def build_longtail(raw: RawData, name: str, imbalance_factor: float, seed: int,
+def imagefolder_path(name: str) -> Path:
+    """The PATH of "imagefolder:PATH"."""
+    return Path(name.strip()[len(IMAGEFOLDER):]).expanduser()
+
+
+def build_longtail(raw: RawData, name: str, imbalance_factor: float | None, seed: int,
                    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> ImageData:
-    """Long-tail raw's training set (deterministic for a seed) and convert both splits to [N,3,H>=32,W>=32]."""
+    """Long-tail raw's training set (deterministic for a seed; IF None keeps it as stored) and convert both
+    splits to [N,3,H>=32,W>=32]."""
     sizes = np.bincount(raw.y_train, minlength=len(raw.classes))
     if sizes.min() == 0:
         raise DataError(f"data set '{name}' has no training images for class {int(np.argmin(sizes))}: "
                         "every class needs at least one")
-    counts = lt_class_counts(len(raw.classes), int(sizes.min()), imbalance_factor)
-    keep = longtail_indices(raw.y_train, counts, seed)
+    if imbalance_factor is None:
+        counts, keep = sizes.tolist(), np.argsort(raw.y_train, kind="stable")
+    else:
+        counts = lt_class_counts(len(raw.classes), int(sizes.min()), imbalance_factor)
+        keep = longtail_indices(raw.y_train, counts, seed)
     x_train = to_model_layout(raw.x_train[keep])
     mean, std = stats if stats is not None else channel_stats(x_train)
     return ImageData(name=name, x_train=x_train, y_train=torch.from_numpy(raw.y_train[keep].copy()),
@@ -128,19 +153,23 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
 
 
 def _load_cifar(layout: CifarLayout, root: Path | None, download: bool) -> RawData:
+    """The first of: torchvision's pickled folder, cifarN.npz, cifarN.zip (ImageFolder JPEGs), a download."""
     where = root if root is not None else DEFAULT_CIFAR_ROOT.expanduser()
-    npz = where / f"cifar{layout.num_classes}.npz"
-    if not has_cifar(where, layout) and npz.is_file():
-        raw = read_npz(npz)
-        if len(raw.classes) != layout.num_classes:
-            raise DataError(f"{npz} holds {len(raw.classes)} classes, not {layout.num_classes}: "
-                            f"put {layout.title} there")
-        return raw
-    if not has_cifar(where, layout):
-        if not download:
-            raise DataError(f"{layout.title} not found under {where}: put torchvision's {layout.folder}/ or a "
-                            f"{npz.name} there, or pass --data-root / set {ENV_ROOT}")
-        download_cifar(where, layout)
+    if has_cifar(where, layout):
+        return read_cifar(where, layout)
+    stem = f"cifar{layout.num_classes}"
+    npz, archive = where / f"{stem}.npz", where / f"{stem}.zip"
+    for path, read in ((npz, read_npz), (archive, lambda p: read_imagefolder(index_imagefolder(p), 32))):
+        if path.is_file():
+            raw = read(path)
+            if len(raw.classes) != layout.num_classes:
+                raise DataError(f"{path} holds {len(raw.classes)} classes, not {layout.num_classes}: "
+                                f"put {layout.title} there")
+            return raw
+    if not download:
+        raise DataError(f"{layout.title} not found under {where}: put torchvision's {layout.folder}/, a "
+                        f"{npz.name} or a {archive.name} there, or pass --data-root / set {ENV_ROOT}")
+    download_cifar(where, layout)
     return read_cifar(where, layout)
 
 

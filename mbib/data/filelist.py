@@ -56,13 +56,21 @@ def read_file_list(path: Path) -> tuple[list[str], list[int]]:
 
 
 class FileListDataset(Dataset):
-    """Images named by a file list under `root`; items are (float image [3,224,224], int64 label)."""
+    """Images named by a file list under `root`; items are (float image [3,224,224], int64 label).
 
-    def __init__(self, root: str | os.PathLike, list_file: str | os.PathLike, train: bool, transform=None):
+    ``list_file`` is a "relative/path label" file (relative to root unless absolute); ``items`` gives the
+    (paths, labels) directly instead (image folders).
+    """
+
+    def __init__(self, root: str | os.PathLike, list_file: str | os.PathLike | None = None, train: bool = True,
+                 transform=None, items: tuple[list[str], list[int]] | None = None):
         self.root = Path(root)
-        list_path = Path(list_file)
-        self.list_file = list_path if list_path.is_absolute() else self.root / list_path
-        self.paths, self.labels = read_file_list(self.list_file)
+        if items is None:
+            list_path = Path(list_file)
+            self.list_file = list_path if list_path.is_absolute() else self.root / list_path
+            self.paths, self.labels = read_file_list(self.list_file)
+        else:
+            self.list_file, (self.paths, self.labels) = None, (list(items[0]), list(items[1]))
         self.transform = transform if transform is not None else imagenet_transform(train)
 
     def __len__(self) -> int:
@@ -85,8 +93,9 @@ class FileListDataset(Dataset):
                 img = img.convert("RGB")  # forces the full decode, so truncated files fail here
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's decode errors
             reason = " ".join(str(err).split())[:120]
+            where = f"from {self.list_file.name}" if self.list_file is not None else "from its folder"
             raise DataError(f"cannot read image {path} ({type(err).__name__}: {reason}): replace it or remove it "
-                            f"from {self.list_file.name}") from err
+                            f"{where}") from err
         return self.transform(img), self.labels[index]
 
 
@@ -115,6 +124,7 @@ class FileListData:
     test: FileListDataset
     class_counts: list[int]
     num_classes: int
+    class_names: list[str] | None = None  # None: the labels' numbers
 
 
 def load_filelist_data(name: str, data_root: str | os.PathLike | None = None) -> FileListData:
@@ -131,3 +141,15 @@ def load_filelist_data(name: str, data_root: str | os.PathLike | None = None) ->
     test = FileListDataset(root, test_list, train=False)
     num_classes = max(train.num_classes, test.num_classes)
     return FileListData(key, train, test, train.class_counts(num_classes), num_classes)
+
+
+def imagefolder_filelist_data(name: str, index) -> FileListData:
+    """An image folder too large to hold decoded in memory, read file by file with the 224x224 transforms."""
+    if index.is_zip:
+        raise DataError(f"{index.source} holds {len(index):,} images, too many to decode into memory: unzip it and "
+                        f"pass the folder (imagefolder:FOLDER), whose images are then read file by file")
+    train, test = ([[m for m, _ in split], [y for _, y in split]] for split in (index.train, index.test))
+    train_set = FileListDataset(index.source, train=True, items=train)
+    test_set = FileListDataset(index.source, train=False, items=test)
+    counts = torch.bincount(torch.tensor(train[1]), minlength=len(index.classes)).tolist()
+    return FileListData(name, train_set, test_set, counts, len(index.classes), list(index.classes))

@@ -23,6 +23,7 @@ __all__ = [
     "build_model",
     "ensemble_logits",
     "final_tap_key",
+    "input_size",
     "list_models",
     "select_taps",
 ]
@@ -45,6 +46,14 @@ _BACKBONES: dict[str, Callable[[int, bool], StagedBackbone]] = {
     "resnet50": lambda n, x: imagenet_backbone("resnet50", n, x),
     "resnext50_32x4d": lambda n, x: imagenet_backbone("resnext50_32x4d", n, x),
 }
+
+
+# the input side length each backbone is trained at (CIFAR's 32 for ResNet-32, ImageNet's 224 otherwise)
+INPUT_SIZES = {"resnet32": 32}
+
+
+def input_size(name: str) -> int:
+    return INPUT_SIZES.get(name, 224)
 
 
 def list_models() -> list[str]:

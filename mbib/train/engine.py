@@ -21,16 +21,17 @@ from mbib.data.filelist import FILE_LISTS, IMAGENET_MEAN, IMAGENET_STD
 from mbib.errors import ConfigError, TrainingError
 from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion
 from mbib.metrics import shot_groups
-from mbib.models import build_model, ensemble_logits
+from mbib.models import build_model, ensemble_logits, input_size
 from mbib.gml import GML_METHODS, INDEX_KEY, GMLHead, register_gml_methods
 from mbib.train.schedule import lr_factor
 
 register_gml_methods()  # "gml" and "mbib-gml" train through the same engine
+IN_MEMORY_BYTES = 4 << 30  # image folders whose decoded images fit in this are held in memory as uint8 tensors
 
 
 @dataclass(frozen=True)
 class DeviceOptions:
-    """What the device can use: AMP and channels_last pay off on CUDA only."""
+    """What the device can use: mixed precision (its dtype), a GradScaler, the channels_last layout."""
 
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -38,14 +39,28 @@ class DeviceOptions:
     channels_last: bool
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matrix work runs natively (elsewhere bf16 autocast is emulated and slower)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch without the probes: stay in fp32
+        return False
+
+
 def device_options(device: torch.device, amp: bool, channels_last: bool, bf16_ok: bool | None = None) -> DeviceOptions:
-    """Pure decision so CPU tests can exercise the CUDA branch with device=torch.device('cuda')."""
-    if device.type != "cuda":
+    """Pure decision, so CPU tests can exercise every branch by passing the device type and bf16_ok.
+
+    CUDA: bf16 autocast where supported (else fp16 with a GradScaler). CPU: bf16 autocast only where the CPU
+    has native bf16; channels_last on both (oneDNN's convolutions are faster in NHWC on x86).
+    """
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported() if bf16_ok is None else bf16_ok
+        dtype = (torch.bfloat16 if bf16_ok else torch.float16) if amp else None
+        return DeviceOptions(device, dtype, dtype is torch.float16, channels_last)
+    if device.type != "cpu":
         return DeviceOptions(device, None, False, False)
-    if bf16_ok is None:
-        bf16_ok = torch.cuda.is_bf16_supported()
-    dtype = (torch.bfloat16 if bf16_ok else torch.float16) if amp else None
-    return DeviceOptions(device, dtype, dtype is torch.float16, channels_last)
+    bf16_ok = cpu_has_native_bf16() if bf16_ok is None else bf16_ok
+    return DeviceOptions(device, torch.bfloat16 if amp and bf16_ok else None, False, channels_last)
 
 
 def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -73,7 +88,9 @@ class Batch(NamedTuple):
 
 
 def class_names(d: Data) -> list[str]:
-    return list(d.classes) if isinstance(d, mdata.ImageData) else [str(i) for i in range(d.num_classes)]
+    if isinstance(d, mdata.ImageData):
+        return list(d.classes)
+    return list(d.class_names) if d.class_names else [str(i) for i in range(d.num_classes)]
 
 
 def data_spec(d: Data) -> dict[str, Any]:
@@ -94,8 +111,13 @@ def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:
 def load_data(cfg: TrainConfig) -> Data:
     if cfg.data.dataset in FILE_LISTS:
         return mdata.load_filelist_data(cfg.data.dataset, cfg.data.data_root)
-    d = mdata.load_dataset(cfg.data.dataset, data_root=cfg.data.data_root,
-                           imbalance_factor=cfg.data.imbalance_factor, seed=cfg.runtime.seed)
+    size = cfg.data.image_size or input_size(cfg.model.arch)
+    if cfg.data.dataset.lower().startswith(mdata.IMAGEFOLDER):
+        index = mdata.index_imagefolder(mdata.imagefolder_path(cfg.data.dataset))
+        if len(index) * size * size * 3 > IN_MEMORY_BYTES:  # large sets stay files, decoded per batch
+            return mdata.imagefolder_filelist_data(cfg.data.dataset, index)
+    d = mdata.load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, imbalance_factor=cfg.data.imbalance_factor,
+                           seed=cfg.runtime.seed, image_size=size)
     return limit_data(d, cfg.data.limit_train, cfg.data.limit_test)
 
 
@@ -224,7 +246,7 @@ class Engine:
         return x.contiguous(memory_format=torch.channels_last) if self.opts.channels_last else x
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=self.opts.amp_dtype, enabled=self.opts.amp_dtype is not None)
+        return torch.autocast(self.device.type, dtype=self.opts.amp_dtype, enabled=self.opts.amp_dtype is not None)
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         """Augmented, normalised batches of this worker's shard; seeded by (seed, epoch, rank) for exact resumes."""
@@ -309,8 +331,8 @@ class Engine:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() > 0)
 
-    @torch.no_grad()
-    def evaluate(self, batch_size: int = 500) -> EvalResult:
+    @torch.inference_mode()
+    def evaluate(self, batch_size: int = 1000) -> EvalResult:
         """Balanced test set, sharded across workers; confusion matrices are summed so every worker agrees."""
         self.net.eval()
         k = len(self.classes)

@@ -32,8 +32,8 @@ def print_summary(cfg: TrainConfig, outcome) -> None:
     if outcome.mlflow_run_id:
         rows["mlflow run"] = outcome.mlflow_run_id
         rows["mlflow ui"] = f"mlflow ui --backend-store-uri {outcome.tracking_uri}"
-    Console().print(_table(f"{cfg.loss.method} on {cfg.data.dataset} (IF {cfg.data.imbalance_factor:g}), "
-                           f"{cfg.optim.epochs} epochs", rows))
+    imbalance = "as stored" if cfg.data.imbalance_factor is None else f"IF {cfg.data.imbalance_factor:g}"
+    Console().print(_table(f"{cfg.loss.method} on {cfg.data.dataset} ({imbalance}), {cfg.optim.epochs} epochs", rows))
 
 
 def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str | None = None) -> dict[str, Any]:

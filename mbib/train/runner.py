@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 from mbib import tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig
-from mbib.data.datasets import pinned_data_root
+from mbib.data.datasets import pinned_data_root, pinned_dataset
 from mbib.errors import MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
 from mbib.train.engine import class_names, load_data
@@ -53,10 +53,18 @@ class MLflowReportCallback(ray.train.UserCallback):
 def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
     rt = cfg.runtime
     use_gpu = rt.use_gpu if rt.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"CPU": rt.cpus_per_worker}
+    resources = {"CPU": worker_cpus(rt.cpus_per_worker, use_gpu, rt.num_workers, ray.cluster_resources().get("CPU", 1))}
     if use_gpu:
         resources["GPU"] = rt.gpus_per_worker
     return ray.train.ScalingConfig(num_workers=rt.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def worker_cpus(asked: float | None, use_gpu: bool, num_workers: int, cluster_cpus: float) -> float:
+    """CPUs per Train worker: as asked, else 1 beside a GPU, else an equal share of the cluster's CPUs (a CPU
+    worker trains with as many threads as it holds CPUs)."""
+    if asked is not None:
+        return asked
+    return 1.0 if use_gpu else float(max(1, int(cluster_cpus // num_workers)))
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
@@ -98,6 +106,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
                  parent_run_id: str | None = None) -> TrainOutcome:
     """Train on Ray Train; record params, per-epoch metrics and artifacts in MLflow; return the outcome."""
     cfg.data.data_root = pinned_data_root(cfg.data.data_root)  # workers run in another working directory
+    cfg.data.dataset = pinned_dataset(cfg.data.dataset)
     data = load_data(cfg)  # fail fast on the driver with a one-line error, before any worker starts
     cfg.run_name = cfg.run_name or f"{cfg.loss.method}-{Path(cfg.data.dataset).stem}-{uuid.uuid4().hex[:6]}"
     ensure_ray()
