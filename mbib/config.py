@@ -72,6 +72,8 @@ class RuntimeConfig:
     eval_every: int = 5  # evaluate (and checkpoint) every N epochs and at the end
     max_failures: int = 0
     storage_path: str | None = None  # None -> ./mbib_runs
+    # a checkpoint.pt to continue from when the run has none of its own (a run moved to another machine)
+    resume_from: str | None = None
     seed: int = 0
     show_progress: bool = True
     inject_failure_epoch: int | None = None  # test hook: crash once after this epoch's checkpoint

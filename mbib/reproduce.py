@@ -17,7 +17,6 @@ import re
 import shlex
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -92,10 +91,8 @@ class Plan:
 
     @property
     def tag(self) -> str:
-        """File stem: reproduction-<epochs>ep for CIFAR-100-LT, reproduction-<dataset>-<epochs>ep otherwise."""
-        if self.dataset == "cifar100-lt":
-            return f"reproduction-{self.epochs}ep"
-        name = Path(self.dataset[4:]).stem if self.dataset.startswith("npz:") else self.dataset
+        """File stem: reproduction-<dataset>-<epochs>ep."""
+        name = Path(self.dataset.split(":", 1)[1]).stem if ":" in self.dataset else self.dataset
         return f"reproduction-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{self.epochs}ep"
 
     def settings(self) -> dict[str, Any]:
@@ -154,10 +151,17 @@ def base_config(plan: Plan) -> TrainConfig:
 
 
 def cell_config(plan: Plan, base: TrainConfig, cell: Cell) -> TrainConfig:
-    """The cell's settings over the base, then the user's --set values over both."""
-    run_name = f"{plan.tag}-{cell.key.replace('/', '-')}-{uuid.uuid4().hex[:6]}"
+    """The cell's settings over the base, then the user's --set values over both. The run name is fixed per
+    cell and seed, so rerunning an interrupted cell on the same machine continues its Ray Train run."""
+    run_name = f"{plan.tag}-{cell.key.replace('/', '-')}-seed{plan.seed}"
     return apply_overrides(base, {"loss.method": cell.method, "data.imbalance_factor": cell.imbalance_factor,
                                   **dict(cell.overrides), **plan.overrides, "run_name": run_name})
+
+
+def carry_path(out: Path, plan: Plan, cell: Cell) -> Path:
+    """Where a running cell keeps a copy of its latest checkpoint: committed with the state, it lets another
+    machine continue the cell (runtime.resume_from) instead of starting it over."""
+    return out / "cells" / plan.tag / f"{cell.key.replace('/', '-')}-seed{plan.seed}.pt"
 
 
 # --------------------------------------------------------------------------- state
@@ -223,12 +227,16 @@ def shots_of(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 
 def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | None,
-               parent_run_id: str | None) -> dict[str, Any]:
-    from mbib.train.runner import run_training
+               parent_run_id: str | None, carry: Path) -> dict[str, Any]:
+    from mbib.train.runner import CopyLatestCheckpoint, run_training
 
     cfg = cell_config(plan, base, cell)
+    if carry.is_file():
+        print(f"  continuing from {carry}", flush=True)
+        cfg.runtime.resume_from = str(carry)
     start = time.perf_counter()
-    out = run_training(cfg, track=tracking_uri is not None, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    out = run_training(cfg, track=tracking_uri is not None, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                       callbacks=[CopyLatestCheckpoint(carry)])
     best = out.best_metrics or out.metrics
     return {"method": cell.method, "imbalance_factor": cell.imbalance_factor, "overrides": dict(cell.overrides),
             "final": shots_of(out.metrics), "best": shots_of(best), "best_epoch": int(best.get("epoch", -1)) + 1,
@@ -277,7 +285,7 @@ def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | N
             print(f"{head}: finished earlier, skipped ({fmt_shots(state.cells[cell.key]['final'])})", flush=True)
             continue
         print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs ...", flush=True)
-        record = train_cell(plan, base, cell, tracking_uri, parent)
+        record = train_cell(plan, base, cell, tracking_uri, parent, carry_path(state.path.parent, plan, cell))
         state.cells[cell.key] = record
         state.save()
         print(f"{head}: done in {record['wall_s']:.0f} s: {fmt_shots(record['final'])}", flush=True)
@@ -575,7 +583,7 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
               "root):", "",
               "    MBIB_DATA_ROOT=/path/to/data python bench/reproduce.py --epochs 200 --rho --posterior "
               "--beta-ablation --taps-ablation", "",
-              "writes `bench/results/reproduction-200ep.md` (8 methods x 3 IFs, plus the analyses' extra cells); "
+              "writes `bench/results/reproduction-cifar100-lt-200ep.md` (8 methods x 3 IFs, plus the analyses' extra cells); "
               "rerunning the same command resumes an interrupted grid.", "",
               NOTES_START, previous_notes(path), NOTES_END, ""]
     path.parent.mkdir(parents=True, exist_ok=True)

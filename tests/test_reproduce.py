@@ -97,7 +97,7 @@ def test_plan_reuses_grid_cells_and_names_files():
     # beta = 5 is the default, so Figure 3's beta-5 points are the grid cells; rho adds BSCE at IF 100
     assert "beta/bib/beta5" not in keys and "grid/bsce/IF100" in keys
     assert len(keys) == 2 + 1 + 2 * 5 + 6  # Table 4: 2..6 taps and 4-MBIB(x)
-    assert plan.tag == "reproduction-200ep"
+    assert plan.tag == "reproduction-cifar100-lt-200ep"
     assert reproduce.Plan("npz:/d/my set.npz", 8, 0, ("ce",), (10.0,), {}).tag == "reproduction-my_set-8ep"
     base = reproduce.base_config(reproduce.Plan("mnist-lt", 20, 0, ("ce",), (10.0,), {}))
     assert base.optim.milestones == (16, 18) and base.optim.warmup_epochs == pytest.approx(0.5)

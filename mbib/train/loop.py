@@ -35,10 +35,13 @@ def train_loop_per_worker(config: dict) -> None:
     engine = Engine(cfg, load_data(cfg), device, rank=rank, world_size=world, wrap_model=_wrap_ddp(world))
 
     start_epoch, best = 0, -1.0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
+    restored, state = ray.train.get_checkpoint(), None
+    if restored is not None:  # this run's own latest checkpoint (a restarted worker, a resumed run)
         with restored.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
+    elif cfg.runtime.resume_from:  # another machine's checkpoint of the same run
+        state = load_checkpoint(cfg.runtime.resume_from, map_location=device)
+    if state is not None:
         engine.load_state_dict(state)
         start_epoch, best = int(state["epoch"]) + 1, float(state.get("best_acc", -1.0))
 

@@ -15,10 +15,10 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from mbib import tracking
-from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from mbib.checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint
 from mbib.config import TrainConfig
 from mbib.data.datasets import pinned_data_root, pinned_dataset
-from mbib.errors import MBIBError, TrainingError
+from mbib.errors import ConfigError, MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
 from mbib.train.engine import class_names, load_data
 from mbib.train.loop import train_loop_per_worker
@@ -102,11 +102,32 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+class CopyLatestCheckpoint(ray.train.UserCallback):
+    """Runs in the Train controller: keeps an atomic copy of the latest checkpoint.pt at `target` (a file that
+    can be committed or moved, so another machine continues the run with runtime.resume_from)."""
+
+    def __init__(self, target: str | Path):
+        self.target = Path(target)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as d:
+            atomic_write(self.target, lambda fh: fh.write((Path(d) / CHECKPOINT_FILE).read_bytes()))
+
+
 def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | None = None,
-                 parent_run_id: str | None = None) -> TrainOutcome:
-    """Train on Ray Train; record params, per-epoch metrics and artifacts in MLflow; return the outcome."""
+                 parent_run_id: str | None = None, callbacks: list | None = None) -> TrainOutcome:
+    """Train on Ray Train; record params, per-epoch metrics and artifacts in MLflow; return the outcome.
+
+    `callbacks`: further Ray Train UserCallbacks (e.g. CopyLatestCheckpoint)."""
     cfg.data.data_root = pinned_data_root(cfg.data.data_root)  # workers run in another working directory
     cfg.data.dataset = pinned_dataset(cfg.data.dataset)
+    if cfg.runtime.resume_from:
+        resume = Path(cfg.runtime.resume_from).expanduser().resolve()
+        if not resume.is_file():
+            raise ConfigError(f"runtime.resume_from={cfg.runtime.resume_from} is not a file: pass a checkpoint.pt")
+        cfg.runtime.resume_from = str(resume)
     data = load_data(cfg)  # fail fast on the driver with a one-line error, before any worker starts
     cfg.run_name = cfg.run_name or f"{cfg.loss.method}-{Path(cfg.data.dataset).stem}-{uuid.uuid4().hex[:6]}"
     ensure_ray()
@@ -123,7 +144,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         run_id = client.create_run(exp_id, tags=tags).info.run_id
         tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": len(class_names(data)),
                                              "train_images": sum(data.class_counts)})
-    callbacks = [MLflowReportCallback(uri, run_id)] if track else []
+    callbacks = [*([MLflowReportCallback(uri, run_id)] if track else []), *(callbacks or [])]
     try:
         result = build_trainer(cfg, callbacks).fit()
     except Exception as exc:  # Ray wraps worker errors; surface ours as one line
