@@ -6,7 +6,7 @@ That machine has PyTorch and ONNX Runtime but no Ray or MLflow, so this drives m
 2. parity: one fp32 MBIB step on the CPU and on the GPU from the same weights and batch
 3. amp: the same step under AMP + channels_last (the default GPU path): loss near fp32's, finite weights
 4. onnx: the exported ensemble on ONNX Runtime's CUDA execution provider against PyTorch (when it has one)
-5. throughput: bench/train_throughput.py on the device (bare ResNet-32 vs the full MBIB step vs a PIL loader)
+5. throughput: bench/train_throughput.py on the device (the bare ResNet-32 limit vs the full MBIB step)
 6. compare: methods x seeds on MNIST-LT through the engine, same schedule for all (GML vs MBIB vs MBIB+GML)
 
     MBIB_DATA_ROOT=DIR python bench/gpu_check.py --out bench/results/gpu_check.json [--epochs 30] [--seeds 0 1]
@@ -117,7 +117,7 @@ def section_throughput(out_dir: Path, data_root: str | None) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from train_throughput import main as throughput
 
-    args = ["--steps", "150", "--rounds", "3", "--loader-workers", "8", "--out", str(out_dir / "train_throughput_gpu.json")]
+    args = ["--steps", "150", "--rounds", "3", "--epochs", "0", "--out", str(out_dir / "train_throughput_gpu.json")]
     return throughput(args + (["--data-root", data_root] if data_root else []))
 
 

@@ -1,12 +1,17 @@
-"""Training throughput, three ways, in one run (images/s; ratios are what matter on a shared machine).
+"""Training throughput in three rows, measured in one run (images/s; the ratios are what matter):
 
-(1) bare ResNet-32 forward+backward+SGD on synthetic tensors (the ceiling; same AMP/channels_last as (2)),
-(2) the full MBIB training step of mbib's engine on real long-tailed batches with batched tensor augmentation,
-(3) a naive torchvision DataLoader + PIL transform pipeline feeding the same MBIB model and loss,
-and (2) once more without the per-step NaN check, to price its host synchronisation.
-Rounds alternate (1), (2), (3) so background load hits all three alike. Results go to a JSON file.
+  limit       bare ResNet-32 forward + backward + SGD on synthetic tensors, in the fastest layout (NCHW or
+              channels_last) and precision (fp32, or bf16 autocast where the device runs it natively) found here,
+              with every core;
+  product     the full MBIB training step of mbib's engine as `mbib train` runs it by default (the engine's own
+              device options and thread count) on real long-tailed batches with batched augmentation;
+  end_to_end  a real `mbib train` run on Ray Train: training images per second of wall time between two epoch
+              reports, so Ray, augmentation, evaluation (every `--eval-every` epochs) and checkpoints count.
 
-    python bench/train_throughput.py [--steps 20] [--rounds 3] [--batch-size 128] [--out bench/results/train_throughput.json]
+Targets: product >= 0.9 x limit, end_to_end >= 0.8 x product. Rounds alternate the step measurements so background
+load hits them alike; the end-to-end run comes last. Results go to a JSON file.
+
+    python bench/train_throughput.py [--steps 12] [--rounds 3] [--epochs 6] [--out bench/results/train_throughput.json]
 """
 
 from __future__ import annotations
@@ -20,36 +25,17 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision.transforms as T
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from mbib.config import TrainConfig, apply_overrides
+from mbib.data.cifar import CIFAR100
+from mbib.data.datasets import cifar_source, resolve_data_root
 from mbib.models import build_model
-from mbib.train.engine import Batch, Engine, load_data
+from mbib.train.engine import Engine, cpu_has_native_bf16, load_data
 
 
 def pick_dataset(data_root: str | None) -> str:
-    """CIFAR-100-LT where present, else MNIST-LT (padded to 32x32x3 by the loader)."""
-    root = Path(data_root or os.environ.get("MBIB_DATA_ROOT", ""))
-    if (root / "cifar-100-python").is_dir() or (root / "cifar100.npz").is_file():
-        return "cifar100-lt"
-    return "mnist-lt"
-
-
-class PILImages(Dataset):
-    """The naive pipeline: uint8 tensors -> PIL images -> per-image torchvision transforms."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std):
-        self.images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]
-        self.y = y
-        self.tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.tf(self.images[i]), self.y[i]
+    """CIFAR-100-LT where present (pickles, npz or zip), else MNIST-LT (padded to 32x32x3 by the loader)."""
+    return "cifar100-lt" if cifar_source(CIFAR100, resolve_data_root(data_root)) is not None else "mnist-lt"
 
 
 def endless(make_epoch):
@@ -75,7 +61,8 @@ def time_steps(step, steps: int) -> float:
 def machine() -> dict:
     """Where a measurement ran, for the result file."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
+            "platform": platform.platform(), "cpu_native_bf16": cpu_has_native_bf16(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
 
 
@@ -86,83 +73,106 @@ def write_result(result: dict, out: str) -> dict:
     return result
 
 
+def bare_step_fn(device: torch.device, num_classes: int, batch: int, channels_last: bool, dtype: torch.dtype | None):
+    """One SGD step of the bare ResNet-32 (plain head) in the given layout and autocast dtype."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model("resnet32", num_classes, head="plain").to(device, memory_format=layout)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)["v3"]
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def limit_candidates(device: torch.device) -> dict[str, tuple[bool, torch.dtype | None]]:
+    """Layouts and precisions to try for the limit: bf16 only where the device has it natively."""
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    out = {"nchw_fp32": (False, None), "channels_last_fp32": (True, None)}
+    if bf16:
+        out.update(nchw_bf16=(False, torch.bfloat16), channels_last_bf16=(True, torch.bfloat16))
+    return out
+
+
+def end_to_end(cfg: TrainConfig, epochs: int, eval_every: int, storage: str) -> dict:
+    """Images/s of a real run between the first and the last epoch report (start-up excluded)."""
+    import ray.train  # only here: the step rows need no Ray (GPU machines may lack it)
+
+    from mbib.train.runner import run_training
+
+    class EpochClock(ray.train.UserCallback):
+        """Runs in the Train controller: the wall-clock time of every report (one per epoch)."""
+
+        def __init__(self):
+            self.times: list[float] = []
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.times.append(time.time())
+
+    run_cfg = apply_overrides(cfg, {"optim.epochs": epochs, "runtime.eval_every": eval_every,
+                                    "runtime.show_progress": False, "runtime.storage_path": storage,
+                                    "run_name": f"throughput-{int(time.time())}"})
+    clock = EpochClock()
+    run_training(run_cfg, track=False, callbacks=[clock])
+    images = sum(load_data(run_cfg).class_counts)
+    span = clock.times[-1] - clock.times[0]
+    return {"images_per_s": images * (len(clock.times) - 1) / span, "epochs_timed": len(clock.times) - 1,
+            "seconds_per_epoch": span / (len(clock.times) - 1), "train_images_per_epoch": images,
+            "eval_every": eval_every}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=6,
+                   help="epochs of the end-to-end run (the first is not timed); 0 skips it")
+    p.add_argument("--eval-every", type=int, default=5, help="the end-to-end run's evaluation interval (mbib's default)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--storage", default="/tmp/mbib-throughput", help="Ray Train storage of the end-to-end run")
     p.add_argument("--out", default="bench/results/train_throughput.json")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)  # what one CPU worker gets from a local Ray
     dataset = pick_dataset(args.data_root)
     cfg = apply_overrides(TrainConfig(), {"data.dataset": dataset, "data.data_root": args.data_root,
                                           "optim.batch_size": args.batch_size, "optim.warmup_epochs": 0})
     engine = Engine(cfg, load_data(cfg), device)
-    data = engine.data
     k = len(engine.classes)
-
-    opts = engine.opts  # the bare model gets the device options the engine uses
-    layout = torch.channels_last if opts.channels_last else torch.contiguous_format
-    bare = build_model("resnet32", k, head="plain").to(device, memory_format=layout)
-    bare_opt = torch.optim.SGD(bare.parameters(), lr=0.01, momentum=0.9)
-    xs = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=layout)
-    ys = torch.randint(0, k, (args.batch_size,), device=device)
-    scaler = torch.amp.GradScaler("cuda", enabled=opts.grad_scaler)
-
-    def bare_step():
-        with torch.autocast(device.type, dtype=opts.amp_dtype, enabled=opts.amp_dtype is not None):
-            logits = bare(xs)["v3"]
-        loss = torch.nn.functional.cross_entropy(logits.float(), ys)
-        bare_opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(bare_opt)
-        scaler.update()
-
-    full_batches = endless(lambda: engine.epoch_batches(0))
-
-    def full_step():
-        engine.train_step(next(full_batches))
-
-    def unchecked_step():  # (2) without the per-step NaN check, whose host sync stops the CPU running ahead
-        engine.all_finite = lambda loss: True
-        try:
-            engine.train_step(next(full_batches))
-        finally:
-            del engine.all_finite
-
-    naive_loader = DataLoader(PILImages(data.x_train, data.y_train, data.mean, data.std), batch_size=args.batch_size,
-                              shuffle=True, num_workers=args.loader_workers, drop_last=True,
-                              persistent_workers=args.loader_workers > 0, pin_memory=device.type == "cuda")
-    naive_batches = endless(lambda: naive_loader)
-
-    def naive_step():  # the engine's step, fed by the PIL loader instead of tensor batches
-        x, y = next(naive_batches)
-        x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
-        engine.train_step(Batch(x, y.to(device, non_blocking=True), torch.zeros_like(y, device=device)))
-
-    steps = {"bare": bare_step, "full": full_step, "unchecked": unchecked_step, "naive": naive_step}
-    for fn in steps.values():  # warm-up: allocator, loader workers, kernels
+    steps = {name: bare_step_fn(device, k, args.batch_size, cl, dt) for name, (cl, dt) in limit_candidates(device).items()}
+    batches = endless(lambda: engine.epoch_batches(0))
+    steps["product"] = lambda: engine.train_step(next(batches))
+    for fn in steps.values():  # warm-up: allocator, kernels, oneDNN primitive caches
         time_steps(fn, 2)
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.rounds):
         for name, fn in steps.items():
             rates[name].append(args.steps * args.batch_size / time_steps(fn, args.steps))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.0f} img/s" for n, v in rates.items()))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates.items()) + " img/s")
     med = {n: statistics.median(v) for n, v in rates.items()}
+    limit_name = max((n for n in med if n != "product"), key=med.get)
+    e2e = end_to_end(cfg, args.epochs, args.eval_every, args.storage) if args.epochs > 1 else {"images_per_s": None}
     result = {
-        "images_per_s": {"bare_resnet32": med["bare"], "mbib_full_step": med["full"],
-                         "mbib_full_step_without_nan_check": med["unchecked"], "naive_pil_loader": med["naive"]},
-        "ratio_unchecked_over_full": med["unchecked"] / med["full"],
-        "ratio_full_over_bare": med["full"] / med["bare"],
-        "ratio_full_over_naive": med["full"] / med["naive"],
-        "per_round": rates,
-        "dataset": dataset, "batch_size": args.batch_size, "steps_per_round": args.steps, "rounds": args.rounds,
-        "device": str(device), "amp_dtype": str(opts.amp_dtype), "channels_last": opts.channels_last,
-        "loader_workers": args.loader_workers, **machine(),
+        "images_per_s": {"limit": med[limit_name], "product": med["product"], "end_to_end": e2e["images_per_s"]},
+        "ratio_product_over_limit": med["product"] / med[limit_name],
+        "ratio_end_to_end_over_product": e2e["images_per_s"] and e2e["images_per_s"] / med["product"],
+        "limit_is": limit_name, "limit_candidates": {n: v for n, v in med.items() if n != "product"},
+        "product_options": {"amp_dtype": str(engine.opts.amp_dtype), "channels_last": engine.opts.channels_last},
+        "end_to_end": e2e, "per_round": rates, "dataset": dataset, "batch_size": args.batch_size,
+        "steps_per_round": args.steps, "rounds": args.rounds, "device": str(device), **machine(),
     }
-    print(f"(2)/(1) = {result['ratio_full_over_bare']:.3f}   (2)/(3) = {result['ratio_full_over_naive']:.3f}")
+    print(f"limit {med[limit_name]:.0f} img/s ({limit_name}), product {med['product']:.0f} img/s, product/limit "
+          f"{result['ratio_product_over_limit']:.2f}")
+    if e2e["images_per_s"]:
+        print(f"end-to-end {e2e['images_per_s']:.0f} img/s ({e2e['seconds_per_epoch']:.1f} s/epoch), "
+              f"end-to-end/product {result['ratio_end_to_end_over_product']:.2f}")
     return write_result(result, args.out)
 
 

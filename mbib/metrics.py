@@ -88,6 +88,13 @@ def grouped_representation_ratio(features: torch.Tensor, labels: torch.Tensor, c
     return result
 
 
+def prediction_share(preds: torch.Tensor, class_counts, many: int = 100, few: int = 20) -> dict[str, float]:
+    """Percent of predictions that name a class of each shot group. On a balanced test set a classifier without
+    a lean to the head gives each group its share of the classes (35% many-shot on CIFAR-100-LT at IF 100)."""
+    pred = _labels_of(preds)
+    return {group: 100.0 * mask[pred].float().mean().item() for group, mask in shot_groups(class_counts, many, few).items()}
+
+
 def _sum_cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sum of all pairwise L2 distances between rows of a and rows of b, CHUNK rows at a time."""
     total = torch.zeros((), dtype=torch.float64, device=a.device)

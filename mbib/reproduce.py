@@ -88,6 +88,7 @@ class Plan:
     posterior: bool = False
     beta_ablation: bool = False
     taps_ablation: bool = False
+    appendix_j: bool = False
 
     @property
     def tag(self) -> str:
@@ -123,6 +124,10 @@ def taps_cell(n: int | str) -> Cell:
     return Cell(f"taps/{n}", "mbib", ANALYSIS_IF, (("loss.a", a), ("loss.b", 0.3), *taps))
 
 
+# MBIB exactly as Appendix J trains it: beta = 5 from the first step, without the project's VSD warm-up
+APPENDIX_J_CELL = Cell("appendix-j/mbib/IF100", "mbib", ANALYSIS_IF, (("loss.vsd_warmup_epochs", 0.0),))
+
+
 def plan_cells(plan: Plan) -> list[Cell]:
     """Every cell the requested tables need, in training order, without duplicates."""
     cells = [grid_cell(m, f) for m in plan.methods for f in plan.ifs]
@@ -134,6 +139,8 @@ def plan_cells(plan: Plan) -> list[Cell]:
         cells += [beta_cell(m, b) for m in ("bib", "mbib") for b in BETAS]
     if plan.taps_ablation:
         cells += [taps_cell(n) for n in TAPS]
+    if plan.appendix_j:
+        cells.append(APPENDIX_J_CELL)
     return list({c.key: c for c in cells}.values())
 
 
@@ -212,6 +219,19 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+changes" when the tree differs from it), None outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--", ".") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -240,8 +260,11 @@ def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | No
     best = out.best_metrics or out.metrics
     return {"method": cell.method, "imbalance_factor": cell.imbalance_factor, "overrides": dict(cell.overrides),
             "final": shots_of(out.metrics), "best": shots_of(best), "best_epoch": int(best.get("epoch", -1)) + 1,
-            "epochs": cfg.optim.epochs, "seed": cfg.runtime.seed, "wall_s": time.perf_counter() - start,
-            "checkpoint": str(out.best_checkpoint) if out.best_checkpoint else None,
+            "epochs": cfg.optim.epochs, "seed": cfg.runtime.seed, "commit": git_commit(),
+            # training time over every machine the cell ran on (carried in its checkpoints), else this leg's
+            "wall_s": out.metrics.get("elapsed_s", time.perf_counter() - start),
+            "best_checkpoint": str(out.best_checkpoint) if out.best_checkpoint else None,
+            "final_checkpoint": str(carry), "final_heads": {k: v for k, v in out.metrics.items() if k.startswith("acc_")},
             "mlflow_run_id": out.mlflow_run_id, "run_name": cfg.run_name,
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
@@ -285,8 +308,11 @@ def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | N
             print(f"{head}: finished earlier, skipped ({fmt_shots(state.cells[cell.key]['final'])})", flush=True)
             continue
         print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs ...", flush=True)
-        record = train_cell(plan, base, cell, tracking_uri, parent, carry_path(state.path.parent, plan, cell))
+        carry = carry_path(state.path.parent, plan, cell)
+        record = train_cell(plan, base, cell, tracking_uri, parent, carry)
         state.cells[cell.key] = record
+        state.save()
+        record["analysis"] = cell_analysis(carry, cell_config(plan, base, cell))  # the final model, while at hand
         state.save()
         print(f"{head}: done in {record['wall_s']:.0f} s: {fmt_shots(record['final'])}", flush=True)
 
@@ -314,51 +340,42 @@ def test_set_outputs(checkpoint: str, cfg: TrainConfig, batch_size: int = 500):
     return cat(feats), cat(logits), data.y_test, list(data.class_counts), model.tap_keys
 
 
-def rho_of(checkpoint: str, cfg: TrainConfig) -> dict[str, dict[str, float]]:
-    """Table 5: grouped rho (Eq. 15-17) of the final observation v and, where the model has it, of z."""
-    from mbib.metrics import grouped_representation_ratio
+def cell_analysis(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Everything the report needs from a cell's final model, computed once when the cell ends and kept in the
+    state: per head (each tap, z and their mean "f+g", the prediction) its accuracy and the share of predictions
+    on each shot group; rho (Table 5, Eq. 15-17) of the final observation v and of z; the mean positive
+    posterior per class of the prediction (Appendix D, Eq. 14)."""
+    from mbib.metrics import grouped_representation_ratio, mean_positive_posterior, prediction_share, shot_groups
+    from mbib.models import ensemble_logits
 
-    feats, _, labels, counts, tap_keys = test_set_outputs(checkpoint, cfg)
+    feats, logits, labels, counts, tap_keys = test_set_outputs(str(checkpoint), cfg)
+    heads = {**logits, "f+g": ensemble_logits(logits)}
+    out: dict[str, Any] = {"heads": {h: {"acc": 100.0 * (v.argmax(1) == labels).float().mean().item(),
+                                         "share": prediction_share(v, counts)} for h, v in heads.items()},
+                           "balanced_share": {g: 100.0 * m.float().mean().item() for g, m in shot_groups(counts).items()}}
     wanted = {"v": tap_keys[-1]} if tap_keys else {}
     if "z" in feats:
         wanted["z"] = "z"
-    out = {}
-    for name, key in wanted.items():
-        grouped = grouped_representation_ratio(feats[key], labels, counts)
-        out[name] = {g: grouped[g]["rho"] for g in ("many", "medium", "few", "all")}
+    out["rho"] = {name: {g: r["rho"] for g, r in grouped_representation_ratio(feats[key], labels, counts).items()}
+                  for name, key in wanted.items()}
+    out["posterior"] = mean_positive_posterior(heads["f+g"].softmax(dim=1), labels, len(counts)).tolist()
     return out
 
 
-def posterior_of(checkpoint: str, cfg: TrainConfig) -> list[float]:
-    """Appendix D / Eq. 14: mean positive posterior per class of the prediction (ensemble of v and z)."""
-    from mbib.metrics import mean_positive_posterior
-    from mbib.models import ensemble_logits
-
-    _, logits, labels, counts, _ = test_set_outputs(checkpoint, cfg)
-    probs = ensemble_logits(logits).softmax(dim=1)
-    return mean_positive_posterior(probs, labels, len(counts)).tolist()
-
-
 def run_analyses(plan: Plan, state: State) -> None:
-    """Compute (once, then kept in the state) the statistics the finished checkpoints support."""
+    """Analyse every finished cell that lacks its analysis and whose final checkpoint is at hand."""
     base = base_config(plan)
-    jobs = []
-    if plan.rho:
-        jobs += [("rho", m, rho_of) for m in RHO_METHODS]
-    if plan.posterior:
-        jobs += [("posterior", m, posterior_of) for m in POSTERIOR_METHODS]
-    for kind, method, fn in jobs:
-        done = state.analyses.setdefault(kind, {})
-        record = state.cells.get(grid_cell(method, ANALYSIS_IF).key)
-        if method in done or record is None or not record.get("checkpoint"):
+    for cell in plan_cells(plan):
+        record = state.cells.get(cell.key)
+        if record is None or "analysis" in record:
             continue
-        if not Path(record["checkpoint"]).is_file():
-            print(f"{kind} of {method}: checkpoint {record['checkpoint']} is gone; retrain by deleting its cell "
+        final = carry_path(state.path.parent, plan, cell)
+        if not final.is_file():
+            print(f"analysis of {cell.key}: its final checkpoint {final} is gone; retrain the cell by deleting it "
                   f"from {state.path}", flush=True)
             continue
-        print(f"{kind}: {method} on the test set ...", flush=True)
-        # the data come from the cell's own settings, as in training (checkpoint configs may be older)
-        done[method] = fn(record["checkpoint"], cell_config(plan, base, grid_cell(method, ANALYSIS_IF)))
+        print(f"analysis of {cell.key} on the test set ...", flush=True)
+        record["analysis"] = cell_analysis(final, cell_config(plan, base, cell))
         state.save()
 
 
@@ -377,19 +394,22 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
 
 
 def grid_rows(plan: Plan, state: State) -> list[list[str]]:
+    cells = [(m, grid_cell(m, f)) for m in plan.methods for f in plan.ifs]
+    if plan.appendix_j:
+        cells.append(("mbib, Appendix J (no VSD warm-up)", APPENDIX_J_CELL))
     rows = []
-    for m in plan.methods:
-        for f in plan.ifs:
-            rec = state.cells.get(grid_cell(m, f).key)
-            paper = paper_number(plan, m, f)
-            if rec is None:
-                rows.append([m, f"{f:g}", "not run yet", "", "", "", fmt_paper(paper), "", "", "", ""])
-                continue
-            s = rec["final"]
-            diff = f"{s['overall'] - paper:+.1f}" if paper is not None and s["overall"] is not None else "n/a"
-            rows.append([m, f"{f:g}", *(fmt(s[k]) for k in SHOTS), fmt_paper(paper), diff,
-                         f"{fmt(rec['best']['overall'])} (ep {rec['best_epoch']})", str(rec["seed"]),
-                         f"{rec['wall_s']:.0f}"])
+    for label, cell in cells:
+        rec = state.cells.get(cell.key)
+        paper = paper_number(plan, cell.method, cell.imbalance_factor)
+        f = cell.imbalance_factor
+        if rec is None:
+            rows.append([label, f"{f:g}", "not run yet", "", "", "", fmt_paper(paper), "", "", "", ""])
+            continue
+        s = rec["final"]
+        diff = f"{s['overall'] - paper:+.1f}" if paper is not None and s["overall"] is not None else "n/a"
+        rows.append([label, f"{f:g}", *(fmt(s[k]) for k in SHOTS), fmt_paper(paper), diff,
+                     f"{fmt(rec['best']['overall'])} (ep {rec['best_epoch']})", f"{rec['seed']} ({rec.get('commit')})",
+                     f"{rec['wall_s']:.0f}"])
     return rows
 
 
@@ -423,8 +443,14 @@ def ordering_lines(plan: Plan, state: State) -> list[str]:
     return lines
 
 
+def analysed(state: State, plan: Plan, methods: Sequence[str], kind: str) -> dict[str, Any]:
+    """{method: the IF-100 cell's analysis[kind]} for the methods whose cell has been analysed."""
+    cells = {m: state.cells.get(grid_cell(m, ANALYSIS_IF).key, {}) for m in methods}
+    return {m: rec["analysis"][kind] for m, rec in cells.items() if kind in rec.get("analysis", {})}
+
+
 def rho_section(plan: Plan, state: State) -> list[str]:
-    done = state.analyses.get("rho", {})
+    done = analysed(state, plan, RHO_METHODS, "rho")
     rows = []
     for m in RHO_METHODS:
         for feat, vals in done.get(m, {}).items():
@@ -439,7 +465,7 @@ def rho_section(plan: Plan, state: State) -> list[str]:
 
 
 def posterior_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
-    done = state.analyses.get("posterior", {})
+    done = analysed(state, plan, POSTERIOR_METHODS, "posterior")
     if not done:
         return ["Not computed yet (needs CE, BSCE, BIB and MBIB at IF 100)."]
     png = out_dir / f"{plan.tag}-posterior.png"
@@ -559,16 +585,17 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
              f"- Cells finished: {len(recs)}; total training wall time {sum(r['wall_s'] for r in recs) / 60:.1f} min.",
              *(f"- Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, torch {m['torch']}, "
                f"device {m['device']}." for m in state.data["machines"]),
-             *mlflow_lines(state),
+             *mlflow_lines(state), *data_caveat(plan),
              "", "## Table 1: top-1 accuracy (%)", "",
              "Ours = the last epoch's evaluation on the balanced test set; many > 100, medium 20-100, few < 20 "
              f"training images a class; Δ = ours − paper (overall). {paper_note} \"Best\" is the best evaluation "
              "during training (selected on the test set, so optimistic).", "",
-             *_table(["Method", "IF", "Overall", "Many", "Medium", "Few", "Paper", "Δ", "Best (epoch)", "Seed",
-                      "Wall (s)"], grid_rows(plan, state)), ""]
+             *_table(["Method", "IF", "Overall", "Many", "Medium", "Few", "Paper", "Δ", "Best (epoch)",
+                      "Seed (commit)", "Wall (s)"], grid_rows(plan, state)), ""]
     order = ordering_lines(plan, state)
     if order:
         lines += ["## The paper's ordering", "", *order, ""]
+    lines += ["## Heads, and the lean to the head classes", "", *heads_section(plan, state), ""]
     if plan.rho:
         lines += ["## Table 5: representation ratio rho (IF 100)", "", *rho_section(plan, state), ""]
     if plan.posterior:
@@ -578,9 +605,14 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
         lines += ["## Figure 3: β ablation (IF 100)", "", *beta_section(plan, state, path.parent), ""]
     if plan.taps_ablation:
         lines += ["## Table 4: number of observations v (IF 100)", "", *taps_section(plan, state), ""]
+    pending = [c.key for c in plan_cells(plan) if c.key not in state.cells]
+    if pending:
+        lines += ["## Still to run", "", f"Cells not finished yet: {', '.join(pending)}. The command above, rerun on "
+                  "a fresh clone, continues them (a cell interrupted part-way continues from the checkpoint "
+                  f"committed under `{path.parent.name}/cells/`).", ""]
     lines += ["## Reproduce on CIFAR-100-LT", "",
-              "On a machine with CIFAR-100 (torchvision's `cifar-100-python/` or `cifar100.npz` under the data "
-              "root):", "",
+              "On a machine with CIFAR-100 (torchvision's `cifar-100-python/`, `cifar100.npz` or `cifar100.zip` "
+              "under the data root):", "",
               "    MBIB_DATA_ROOT=/path/to/data python bench/reproduce.py --epochs 200 --rho --posterior "
               "--beta-ablation --taps-ablation", "",
               "writes `bench/results/reproduction-cifar100-lt-200ep.md` (8 methods x 3 IFs, plus the analyses' extra cells); "
@@ -589,6 +621,45 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
+
+
+def data_caveat(plan: Plan) -> list[str]:
+    """The JPEG caveat of shared/data/README.md, when CIFAR-100 is read from cifar100.zip."""
+    from mbib.data.cifar import CIFAR100
+    from mbib.data.datasets import cifar_source, resolve_data_root
+
+    source = cifar_source(CIFAR100, resolve_data_root(plan.overrides.get("data.data_root")))
+    if plan.dataset != "cifar100-lt" or source is None or source.suffix != ".zip":
+        return []
+    return [f"- CIFAR-100 was read from `{source.name}`: JPEG files of the original images. JPEG is lossy, so "
+            "pixels differ slightly from the original pickles (expect somewhat lower accuracy, for every method "
+            "alike), and the original order of the training images is not kept, so Cao et al.'s long-tailed "
+            "subsampling picks a different, equally valid subset of each class."]
+
+
+HEAD_NAMES = {"z": "g(z)", "f+g": "mean f+g"}
+
+
+def heads_section(plan: Plan, state: State) -> list[str]:
+    """Per analysed cell: each head's accuracy, and the share of its predictions on many-shot classes against
+    the balanced share (a classifier without a lean to the head predicts many-shot classes that often)."""
+    rows = []
+    for cell in plan_cells(plan):
+        a = state.cells.get(cell.key, {}).get("analysis")
+        if not a:
+            continue
+        heads = a["heads"]
+        order = [h for h in heads if h.startswith("v")] + [h for h in ("z", "f+g") if h in heads]
+        show = lambda fn: " · ".join(f"{HEAD_NAMES.get(h, h)} {fmt(fn(heads[h]))}" for h in order)  # noqa: E731
+        rows.append([cell.key, show(lambda d: d["acc"]), show(lambda d: d["share"]["many"]),
+                     fmt(a["balanced_share"]["many"])])
+    if not rows:
+        return ["No cell analysed yet."]
+    return ["Accuracy (%) of every head on the test set (f = the final tap's head v3 or v_n, g = the z head; the",
+            "prediction is their mean), and the percent of each head's test predictions that name a many-shot",
+            "class (> 100 training images), against the balanced share (the many-shot classes' share of the test",
+            "set). Final model of each cell.", "",
+            *_table(["Cell", "Accuracy by head", "Predictions on many-shot classes (%)", "Balanced (%)"], rows)]
 
 
 def mlflow_lines(state: State) -> list[str]:
@@ -627,6 +698,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--posterior", action="store_true", help="Appendix D: mean positive posterior PNG at IF 100")
     p.add_argument("--beta-ablation", action="store_true", help="Figure 3: BIB and MBIB with beta 0..5 at IF 100")
     p.add_argument("--taps-ablation", action="store_true", help="Table 4: MBIB with 2..6 observations at IF 100")
+    p.add_argument("--appendix-j", action="store_true",
+                   help="MBIB at IF 100 with loss.vsd_warmup_epochs=0 (Appendix J exactly, no VSD warm-up)")
     args = p.parse_args(argv)
     from mbib.gml import register_gml_methods
     from mbib.losses import METHODS
@@ -649,7 +722,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
             raise ConfigError(f"--set {item!r} needs KEY=VALUE, e.g. --set optim.batch_size=64")
         overrides[key.strip()] = value.strip()
     plan = Plan(args.dataset, args.epochs, args.seed, methods, ifs, overrides, args.rho, args.posterior,
-                args.beta_ablation, args.taps_ablation)
+                args.beta_ablation, args.taps_ablation, args.appendix_j)
     apply_overrides(base_config(plan), overrides)  # a bad --set fails now, not after hours of training
     return plan, args
 

@@ -152,25 +152,32 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def _load_cifar(layout: CifarLayout, root: Path | None, download: bool) -> RawData:
-    """The first of: torchvision's pickled folder, cifarN.npz, cifarN.zip (ImageFolder JPEGs), a download."""
+def cifar_source(layout: CifarLayout, root: Path | None) -> Path | None:
+    """What CIFAR is read from, in this order: torchvision's pickled folder, cifarN.npz, cifarN.zip (ImageFolder
+    JPEGs); None when none is there."""
     where = root if root is not None else DEFAULT_CIFAR_ROOT.expanduser()
     if has_cifar(where, layout):
-        return read_cifar(where, layout)
+        return where / layout.folder
     stem = f"cifar{layout.num_classes}"
-    npz, archive = where / f"{stem}.npz", where / f"{stem}.zip"
-    for path, read in ((npz, read_npz), (archive, lambda p: read_imagefolder(index_imagefolder(p), 32))):
-        if path.is_file():
-            raw = read(path)
-            if len(raw.classes) != layout.num_classes:
-                raise DataError(f"{path} holds {len(raw.classes)} classes, not {layout.num_classes}: "
-                                f"put {layout.title} there")
-            return raw
-    if not download:
-        raise DataError(f"{layout.title} not found under {where}: put torchvision's {layout.folder}/, a "
-                        f"{npz.name} or a {archive.name} there, or pass --data-root / set {ENV_ROOT}")
-    download_cifar(where, layout)
-    return read_cifar(where, layout)
+    return next((p for p in (where / f"{stem}.npz", where / f"{stem}.zip") if p.is_file()), None)
+
+
+def _load_cifar(layout: CifarLayout, root: Path | None, download: bool) -> RawData:
+    where = root if root is not None else DEFAULT_CIFAR_ROOT.expanduser()
+    source = cifar_source(layout, root)
+    if source is None:
+        if not download:
+            stem = f"cifar{layout.num_classes}"
+            raise DataError(f"{layout.title} not found under {where}: put torchvision's {layout.folder}/, a "
+                            f"{stem}.npz or a {stem}.zip there, or pass --data-root / set {ENV_ROOT}")
+        download_cifar(where, layout)
+        source = where / layout.folder
+    if source.name == layout.folder:
+        return read_cifar(source.parent, layout)
+    raw = read_npz(source) if source.suffix == ".npz" else read_imagefolder(index_imagefolder(source), 32)
+    if len(raw.classes) != layout.num_classes:
+        raise DataError(f"{source} holds {len(raw.classes)} classes, not {layout.num_classes}: put {layout.title} there")
+    return raw
 
 
 def _load_mnist(root: Path | None) -> RawData:

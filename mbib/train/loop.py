@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -41,9 +42,12 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
     elif cfg.runtime.resume_from:  # another machine's checkpoint of the same run
         state = load_checkpoint(cfg.runtime.resume_from, map_location=device)
+    elapsed = 0.0  # training wall time over every machine and restart, carried in the checkpoints
     if state is not None:
         engine.load_state_dict(state)
         start_epoch, best = int(state["epoch"]) + 1, float(state.get("best_acc", -1.0))
+        elapsed = float(state.get("elapsed_s", 0.0))
+    since = time.perf_counter()
 
     epochs = cfg.optim.epochs
     bar = _progress(rank, cfg, start_epoch)
@@ -57,13 +61,15 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         result = engine.evaluate()
         metrics.update(result.metrics())
+        metrics["elapsed_s"] = elapsed + time.perf_counter() - since
         best = max(best, result.acc)
         metrics["best_acc"] = best
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
                 state = engine.state_dict()
-                state.update(epoch=epoch, best_acc=best, metrics=metrics, confusion=result.confusion)
+                state.update(epoch=epoch, best_acc=best, metrics=metrics, confusion=result.confusion,
+                             elapsed_s=metrics["elapsed_s"])
                 save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
