@@ -83,3 +83,14 @@ def test_mean_positive_posterior_by_hand():
     got = mean_positive_posterior(probs, labels, 3)
     assert got[:2].tolist() == pytest.approx([(0.9 + 0.6 + 0.5) / 3, 0.7])
     assert got[2].isnan()
+
+
+def test_prediction_share_counts_predictions_per_shot_group():
+    from mbib.metrics import prediction_share
+
+    counts = [200, 150, 50, 30, 10]  # many: classes 0-1, medium: 2-3, few: 4
+    preds = torch.tensor([0, 0, 1, 2, 4, 4, 4, 3])
+    share = prediction_share(preds, counts)
+    assert share == pytest.approx({"many": 37.5, "medium": 25.0, "few": 37.5})
+    logits = torch.nn.functional.one_hot(preds, 5).float()  # logits are reduced by argmax
+    assert prediction_share(logits, counts) == share
