@@ -89,6 +89,7 @@ class Plan:
     beta_ablation: bool = False
     taps_ablation: bool = False
     appendix_j: bool = False
+    runner: str = "ray"  # "ray" (Ray Train + MLflow) or "plain" (this process: no Ray, no MLflow)
 
     @property
     def tag(self) -> str:
@@ -248,25 +249,31 @@ def shots_of(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | None,
                parent_run_id: str | None, carry: Path) -> dict[str, Any]:
-    from mbib.train.runner import CopyLatestCheckpoint, run_training
-
+    """Train one cell on Ray Train (an MLflow child run) or, with plan.runner "plain", in this process."""
     cfg = cell_config(plan, base, cell)
-    if carry.is_file():
-        print(f"  continuing from {carry}", flush=True)
-        cfg.runtime.resume_from = str(carry)
     start = time.perf_counter()
-    out = run_training(cfg, track=tracking_uri is not None, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                       callbacks=[CopyLatestCheckpoint(carry)])
-    best = out.best_metrics or out.metrics
+    if plan.runner == "plain":
+        from mbib.train.plain import run_plain
+
+        out = run_plain(cfg, carry, log=lambda line: print(f"  {line}", flush=True))
+        final, best, extra = out.metrics, out.best_metrics, {"runner": "plain"}
+    else:
+        from mbib.train.runner import CopyLatestCheckpoint, run_training
+
+        if carry.is_file():
+            print(f"  continuing from {carry}", flush=True)
+            cfg.runtime.resume_from = str(carry)
+        ray_out = run_training(cfg, track=tracking_uri is not None, tracking_uri=tracking_uri,
+                               parent_run_id=parent_run_id, callbacks=[CopyLatestCheckpoint(carry)])
+        final, best = ray_out.metrics, ray_out.best_metrics or ray_out.metrics
+        extra = {"runner": "ray", "mlflow_run_id": ray_out.mlflow_run_id, "run_name": cfg.run_name}
     return {"method": cell.method, "imbalance_factor": cell.imbalance_factor, "overrides": dict(cell.overrides),
-            "final": shots_of(out.metrics), "best": shots_of(best), "best_epoch": int(best.get("epoch", -1)) + 1,
+            "final": shots_of(final), "best": shots_of(best), "best_epoch": int(best.get("epoch", -1)) + 1,
             "epochs": cfg.optim.epochs, "seed": cfg.runtime.seed, "commit": git_commit(),
             # training time over every machine the cell ran on (carried in its checkpoints), else this leg's
-            "wall_s": out.metrics.get("elapsed_s", time.perf_counter() - start),
-            "best_checkpoint": str(out.best_checkpoint) if out.best_checkpoint else None,
-            "final_checkpoint": str(carry), "final_heads": {k: v for k, v in out.metrics.items() if k.startswith("acc_")},
-            "mlflow_run_id": out.mlflow_run_id, "run_name": cfg.run_name,
-            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+            "wall_s": final.get("elapsed_s", time.perf_counter() - start), "final_checkpoint": str(carry),
+            "final_heads": {k: v for k, v in final.items() if k.startswith("acc_")},
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
 
 
 def parent_run(state: State, plan: Plan, tracking_uri: str) -> str:
@@ -698,6 +705,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--posterior", action="store_true", help="Appendix D: mean positive posterior PNG at IF 100")
     p.add_argument("--beta-ablation", action="store_true", help="Figure 3: BIB and MBIB with beta 0..5 at IF 100")
     p.add_argument("--taps-ablation", action="store_true", help="Table 4: MBIB with 2..6 observations at IF 100")
+    p.add_argument("--runner", choices=("ray", "plain"), default="ray",
+                   help="ray: cells train on Ray Train with MLflow child runs; plain: in this process, without Ray "
+                        "or MLflow (machines without Ray; all CPU to training)")
     p.add_argument("--appendix-j", action="store_true",
                    help="MBIB at IF 100 with loss.vsd_warmup_epochs=0 (Appendix J exactly, no VSD warm-up)")
     args = p.parse_args(argv)
@@ -722,7 +732,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
             raise ConfigError(f"--set {item!r} needs KEY=VALUE, e.g. --set optim.batch_size=64")
         overrides[key.strip()] = value.strip()
     plan = Plan(args.dataset, args.epochs, args.seed, methods, ifs, overrides, args.rho, args.posterior,
-                args.beta_ablation, args.taps_ablation, args.appendix_j)
+                args.beta_ablation, args.taps_ablation, args.appendix_j, args.runner)
     apply_overrides(base_config(plan), overrides)  # a bad --set fails now, not after hours of training
     return plan, args
 
@@ -749,13 +759,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                               machine_info())
         from mbib import tracking
 
-        uri = tracking.tracking_uri(args.tracking_uri)
+        uri = tracking.tracking_uri(args.tracking_uri) if plan.runner == "ray" else None  # plain: no MLflow
         try:
             run_cells(plan, state, plan_cells(plan), uri)
             run_analyses(plan, state)
         finally:  # an interrupted grid still leaves a report of what finished
             write_report(plan, state, report)
-        log_report(state, report, uri)
+        if uri:
+            log_report(state, report, uri)
         summary(plan, state, report)
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import ray
@@ -14,10 +13,7 @@ import torch
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from mbib.config import TrainConfig
 from mbib.train.engine import Engine, load_data
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fault-injection test hook to simulate a crashed worker."""
+from mbib.train.fit import fit, restore
 
 
 def _wrap_ddp(world_size: int):
@@ -35,47 +31,27 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     engine = Engine(cfg, load_data(cfg), device, rank=rank, world_size=world, wrap_model=_wrap_ddp(world))
 
-    start_epoch, best = 0, -1.0
     restored, state = ray.train.get_checkpoint(), None
     if restored is not None:  # this run's own latest checkpoint (a restarted worker, a resumed run)
         with restored.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
     elif cfg.runtime.resume_from:  # another machine's checkpoint of the same run
         state = load_checkpoint(cfg.runtime.resume_from, map_location=device)
-    elapsed = 0.0  # training wall time over every machine and restart, carried in the checkpoints
-    if state is not None:
-        engine.load_state_dict(state)
-        start_epoch, best = int(state["epoch"]) + 1, float(state.get("best_acc", -1.0))
-        elapsed = float(state.get("elapsed_s", 0.0))
-    since = time.perf_counter()
+    progress = restore(engine, state)
+    bar = _progress(rank, cfg, progress.start_epoch)
 
-    epochs = cfg.optim.epochs
-    bar = _progress(rank, cfg, start_epoch)
-    for epoch in range(start_epoch, epochs):
-        metrics = {"epoch": epoch, **engine.run_epoch(epoch), "lr": engine.optimizer.param_groups[0]["lr"],
-                   "param_checksum": engine.param_checksum()}
-        is_eval = (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs
-        if not is_eval:
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:
             ray.train.report(metrics)
-            _tick(bar, metrics)
-            continue
-        result = engine.evaluate()
-        metrics.update(result.metrics())
-        metrics["elapsed_s"] = elapsed + time.perf_counter() - since
-        best = max(best, result.acc)
-        metrics["best_acc"] = best
+            return
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                state = engine.state_dict()
-                state.update(epoch=epoch, best_acc=best, metrics=metrics, confusion=result.confusion,
-                             elapsed_s=metrics["elapsed_s"])
                 save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
-        _tick(bar, metrics)
-        if cfg.runtime.inject_failure_epoch == epoch and restored is None:
-            raise InjectedFault(f"injected fault after epoch {epoch}")
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
+
+    fit(engine, progress, report, inject_fault=restored is None, on_epoch=lambda m: _tick(bar, m))
     if bar is not None:
         bar.close()
 

@@ -1,0 +1,65 @@
+"""The epoch loop, free of Ray: train, evaluate every `eval_every` epochs, hand each report to a callback.
+
+Ray Train's worker function (mbib.train.loop) and the plain single-process runner (mbib.train.plain, for
+machines without Ray, e.g. a lent GPU) both drive an Engine through `fit`, so a run trains the same either way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mbib.train.engine import Engine
+
+# report(metrics, checkpoint state or None): an evaluated epoch comes with the state to checkpoint
+Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fault-injection test hook to simulate a crashed worker."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the next epoch, the best accuracy so far, training seconds spent (all machines)."""
+
+    start_epoch: int = 0
+    best: float = -1.0
+    elapsed: float = 0.0
+    best_metrics: dict[str, Any] = field(default_factory=dict)  # the report of the best evaluation
+
+
+def restore(engine: Engine, state: dict[str, Any] | None) -> Progress:
+    """Load a checkpoint's state into the engine (None: a fresh run) and say where to continue."""
+    if state is None:
+        return Progress()
+    engine.load_state_dict(state)
+    return Progress(int(state["epoch"]) + 1, float(state.get("best_acc", -1.0)), float(state.get("elapsed_s", 0.0)),
+                    dict(state.get("best_metrics", {})))
+
+
+def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool = False,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Train the remaining epochs. `inject_fault` raises InjectedFault after runtime.inject_failure_epoch's
+    report (the test hook of the fault-tolerance tests)."""
+    cfg = engine.cfg
+    epochs, since = cfg.optim.epochs, time.perf_counter()
+    for epoch in range(progress.start_epoch, epochs):
+        metrics = {"epoch": epoch, **engine.run_epoch(epoch), "lr": engine.optimizer.param_groups[0]["lr"],
+                   "param_checksum": engine.param_checksum()}
+        state = None
+        if (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs:
+            result = engine.evaluate()
+            metrics.update(result.metrics(), elapsed_s=progress.elapsed + time.perf_counter() - since)
+            if result.acc > progress.best:
+                progress.best, progress.best_metrics = result.acc, dict(metrics)
+            metrics["best_acc"] = progress.best
+            state = {**engine.state_dict(), "epoch": epoch, "best_acc": progress.best, "metrics": metrics,
+                     "best_metrics": progress.best_metrics, "confusion": result.confusion,
+                     "elapsed_s": metrics["elapsed_s"]}
+        report(metrics, state)
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if inject_fault and cfg.runtime.inject_failure_epoch == epoch:
+            raise InjectedFault(f"injected fault after epoch {epoch}")
