@@ -76,13 +76,13 @@ def test_grid_report_holds_every_cell_and_rerun_skips_them(ray_local, tmp_path, 
     bib, ce = state["cells"]["grid/bib/IF10"]["analysis"], state["cells"]["grid/ce/IF10"]["analysis"]
     assert set(bib["rho"]) == {"v", "z"} and 0 < bib["rho"]["z"]["all"] < 10 and set(ce["rho"]) == {"v"}
     assert len(ce["posterior"]) == 10 and all(0.0 <= p <= 1.0 for p in ce["posterior"])
-    assert set(bib["heads"]) == {"v1", "v2", "v3", "z", "f+g"}
+    assert set(bib["heads"]) == {"v3", "z", "f+g"}  # BIB: the final tap and z
     # the mean head is the prediction the training run evaluated (within one of 40 test images: the engine may
     # evaluate under bf16 autocast on CPUs with native bf16)
     assert bib["heads"]["f+g"]["acc"] == pytest.approx(state["cells"]["grid/bib/IF10"]["final"]["overall"], abs=2.51)
     assert sum(bib["heads"]["z"]["share"].values()) == pytest.approx(100.0)  # every prediction in one group
     assert (tmp_path / "out" / "cells" / "reproduction-digits-lt-1ep" / "grid-bib-IF10-seed0.pt").is_file()
-    assert "| grid/bib/IF10 | v1 " in report
+    assert "| grid/bib/IF10 | v3 " in report
 
 
 def test_changed_settings_refuse_to_mix_with_a_finished_grid(tmp_path):
