@@ -471,15 +471,23 @@ def summarize(client, parent_id: str, key: str, rows: list[TrialRow]) -> tuple[T
 
 def kept_checkpoint(path: str) -> str:
     """The best report's checkpoint, or, when Ray's num_to_keep broke an accuracy tie the other way and deleted
-    it, the kept sibling with the highest accuracy (the later one on ties)."""
+    it (or a killed writer left it partial), the readable sibling with the highest accuracy (later on ties)."""
     local = Path(path)
-    if "://" in path or local.exists():
+    if "://" in path or _checkpoint_acc(local / CHECKPOINT_FILE) is not None:
         return path
-    kept = sorted(local.parent.glob("epoch_*/" + CHECKPOINT_FILE))
+    kept = [(acc, k) for k in sorted(local.parent.glob("epoch_*/" + CHECKPOINT_FILE))
+            if (acc := _checkpoint_acc(k)) is not None]
     if not kept:
-        raise TrainingError(f"no checkpoint left under {local.parent}: was the run's storage deleted?")
-    accs = [load_checkpoint(k).get("metrics", {}).get("acc", -1.0) for k in kept]
-    return str(kept[max(range(len(kept)), key=lambda i: (accs[i], i))].parent)
+        raise TrainingError(f"no readable checkpoint left under {local.parent}: was the run's storage deleted?")
+    return str(max(enumerate(kept), key=lambda ik: (ik[1][0], ik[0]))[1][1].parent)
+
+
+def _checkpoint_acc(path: Path) -> float | None:
+    """The checkpoint's accuracy, or None when it is missing or unreadable (a partial epoch_* folder)."""
+    try:
+        return float(load_checkpoint(path).get("metrics", {}).get("acc", -1.0))
+    except TrainingError:
+        return None
 
 
 def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, model_name: str) -> str:

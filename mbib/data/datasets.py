@@ -130,7 +130,7 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
 def _load_cifar(layout: CifarLayout, root: Path | None, download: bool) -> RawData:
     where = root if root is not None else DEFAULT_CIFAR_ROOT.expanduser()
     npz = where / f"cifar{layout.num_classes}.npz"
-    if not has_cifar(where, layout) and npz.is_file():
+    if npz.is_file():  # preferred over torchvision's pickles: npz is read with allow_pickle=False
         raw = read_npz(npz)
         if len(raw.classes) != layout.num_classes:
             raise DataError(f"{npz} holds {len(raw.classes)} classes, not {layout.num_classes}: "

@@ -9,7 +9,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from mbib.checkpoint import CHECKPOINT_FILE, check_compatible, describe, load_checkpoint, load_weights, save_checkpoint
 from mbib.config import TrainConfig
 from mbib.train.engine import Engine, load_data
 
@@ -38,7 +38,9 @@ def train_loop_per_worker(config: dict) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
-        engine.load_state_dict(state)
+        where = f"of run {cfg.run_name!r}"  # a reused run name resumes that run's checkpoint
+        check_compatible(state, engine.spec, cfg.data.dataset, where)
+        load_weights(engine, state, state, f"a {cfg.loss.method} run of {describe(engine.spec, cfg.data.dataset)}", where)
         start_epoch, best = int(state["epoch"]) + 1, float(state.get("best_acc", -1.0))
 
     epochs = cfg.optim.epochs
