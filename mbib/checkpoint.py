@@ -72,9 +72,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def describe(model_spec: dict[str, Any], dataset: str | None) -> str:
-    """`resnet32 (mbib head) with 10 classes on mnist-lt`: what a checkpoint or a run was built for."""
-    head = (model_spec.get("options") or {}).get("head")
-    text = f"{model_spec.get('name')}{f' ({head} head)' if head else ''} with {model_spec.get('num_classes')} classes"
+    """`resnet32 (head=mbib, num_taps=3) with 10 classes on mnist-lt`: what a checkpoint or a run was built for."""
+    options = ", ".join(f"{k}={v}" for k, v in sorted((model_spec.get("options") or {}).items()))
+    text = f"{model_spec.get('name')}{f' ({options})' if options else ''} with {model_spec.get('num_classes')} classes"
     return text + (f" on {dataset}" if dataset else "")
 
 

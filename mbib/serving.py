@@ -15,7 +15,7 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -283,27 +283,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
     that sends it all without `Expect: 100-continue` (urllib) would otherwise get a connection reset, not the JSON.
     """
     declared = request.headers.get("content-length")
+    stream = request.stream()  # one iterator: Starlette refuses a second request.stream()
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        await _drain(request, int(declared))
+        if int(declared) <= DRAIN_MAX_BYTES:
+            await _drain(stream, 0)
         raise ImageError(413, f"body of {declared} bytes exceeds the {limit}-byte limit: send a smaller image")
     chunks, total = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         total += len(chunk)
         if total > limit:
-            await _drain(request, total)
+            await _drain(stream, total)
             raise ImageError(413, f"body exceeds the {limit}-byte limit: send a smaller image")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _drain(request: Request, seen: int) -> None:
+async def _drain(stream: AsyncIterator[bytes], seen: int) -> None:
     """Read and drop the rest of a refused body, bounded: past DRAIN_MAX_BYTES the server closes instead."""
-    if seen > DRAIN_MAX_BYTES:
-        return
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > DRAIN_MAX_BYTES:
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > DRAIN_MAX_BYTES:
             return
 
 

@@ -43,7 +43,7 @@ def test_weights_for_another_class_count_are_one_line_naming_both_sides(saved):
     with pytest.raises(TrainingError) as err:
         load_weights(build_model("resnet32", 100, head="mbib"), state["model"], state, "resnet32 with 100 classes", saved)
     message = one_line(err)
-    assert "made for resnet32 (mbib head) with 10 classes on digits-lt" in message
+    assert "made for resnet32 (head=mbib) with 10 classes on digits-lt" in message
     assert "loaded into resnet32 with 100 classes" in message and "size mismatch" in message
     with pytest.raises(TrainingError) as err:  # a spec that lies about its weights: export/serving rebuild from it
         torch.save({**state, "model_spec": {**SPEC10, "num_classes": 100}}, saved.parent / "lying.pt")
@@ -52,8 +52,8 @@ def test_weights_for_another_class_count_are_one_line_naming_both_sides(saved):
 
 
 @pytest.mark.parametrize("theirs,ours,dataset,expected", [
-    (SPEC10, {**SPEC10, "num_classes": 100}, "digits-lt", "this run is resnet32 (mbib head) with 100 classes on digits-lt"),
-    (SPEC10, {**SPEC10, "name": "resnet10"}, "digits-lt", "this run is resnet10 (mbib head)"),
+    (SPEC10, {**SPEC10, "num_classes": 100}, "digits-lt", "this run is resnet32 (head=mbib) with 100 classes on digits-lt"),
+    (SPEC10, {**SPEC10, "name": "resnet10"}, "digits-lt", "this run is resnet10 (head=mbib)"),
     (SPEC10, SPEC10, "mnist-lt", "with 10 classes on mnist-lt"),
 ])
 def test_another_architecture_or_data_set_is_refused_before_loading(saved, theirs, ours, dataset, expected):
@@ -61,7 +61,7 @@ def test_another_architecture_or_data_set_is_refused_before_loading(saved, their
     check_compatible(state, SPEC10, "digits-lt", saved)  # its own description passes
     with pytest.raises(TrainingError) as err:
         check_compatible(state, ours, dataset, saved)
-    assert "made for resnet32 (mbib head) with 10 classes on digits-lt" in one_line(err) and expected in one_line(err)
+    assert "made for resnet32 (head=mbib) with 10 classes on digits-lt" in one_line(err) and expected in one_line(err)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "not-a-dict"])

@@ -31,6 +31,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.runtime.cpus_per_worker)))
+    if rank != world - 1:  # the NaN test hook fires on the last worker only: the others must stop through the
+        cfg.runtime.inject_nan_step = None  # all-reduced finiteness flag
     engine = Engine(cfg, load_data(cfg), device, rank=rank, world_size=world, wrap_model=_wrap_ddp(world))
 
     start_epoch, best = 0, -1.0
@@ -51,22 +53,21 @@ def train_loop_per_worker(config: dict) -> None:
         is_eval = (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs
         if not is_eval:
             ray.train.report(metrics)
-            _tick(bar, metrics)
-            continue
-        result = engine.evaluate()
-        metrics.update(result.metrics())
-        best = max(best, result.acc)
-        metrics["best_acc"] = best
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                state = engine.state_dict()
-                state.update(epoch=epoch, best_acc=best, metrics=metrics, confusion=result.confusion)
-                save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        else:
+            result = engine.evaluate()
+            metrics.update(result.metrics())
+            best = max(best, result.acc)
+            metrics["best_acc"] = best
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    state = engine.state_dict()
+                    state.update(epoch=epoch, best_acc=best, metrics=metrics, confusion=result.confusion)
+                    save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
         _tick(bar, metrics)
-        if cfg.runtime.inject_failure_epoch == epoch and restored is None:
+        if cfg.runtime.inject_failure_epoch == epoch and restored is None:  # after a checkpoint, or between two
             raise InjectedFault(f"injected fault after epoch {epoch}")
     if bar is not None:
         bar.close()

@@ -39,13 +39,19 @@ class MLflowReportCallback(ray.train.UserCallback):
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
+        self.logged: set[int] = set()  # epochs already logged: a restarted worker group replays the epochs after
+        # its last checkpoint, and MLflow would keep both values of a step
 
     def after_report(self, run_context, metrics, checkpoint):
         from mlflow.tracking import MlflowClient
 
         m = metrics[0]
+        epoch = int(m.get("epoch", 0))
+        if epoch in self.logged:  # the replay recomputes the same values (resume is exact): keep the first
+            return
         try:
-            tracking.log_metrics(MlflowClient(self.uri), self.run_id, m, step=int(m.get("epoch", 0)))
+            tracking.log_metrics(MlflowClient(self.uri), self.run_id, m, step=epoch)
+            self.logged.add(epoch)
         except Exception as exc:  # a tracking hiccup must never kill the training run
             logging.getLogger(__name__).warning("MLflow logging failed at epoch %s: %s", m.get("epoch"), exc)
 
@@ -124,7 +130,9 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         if isinstance(cause, MBIBError):
             raise cause from None
         detail = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-        raise TrainingError(f"training failed: {type(cause).__name__}: {detail[:300]}") from exc
+        raise TrainingError(f"training failed: {type(cause).__name__}: {detail[:300]}; to resume from its last "
+                            f"checkpoint, rerun with --run-name {cfg.run_name} (same --storage-path), or let it "
+                            "restart itself with --max-failures N") from exc
     metrics = dict(result.metrics or {})
     best_ckpt, best_metrics = None, {}
     if result.best_checkpoints:
