@@ -543,21 +543,22 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
     epochs = base.optim.epochs
     exp_path = f"{spec.root()}/{ds.key}"
     exists = tune.Tuner.can_restore(exp_path)
-    if exists and not resume:
-        raise ConfigError(f"study data set already exists at {exp_path}: pass --resume to continue it, "
-                          "or choose another --storage-path or --name")
+    # the trial function only drives Train, whose workers hold the CPUs/GPUs: it asks for memory alone (Ray
+    # rejects an all-zero request), so two 1-CPU trials fit a 2-CPU laptop
+    trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    if exists:  # before any MLflow write: a state Tune cannot read leaves the store as it was
+        try:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        except Exception as exc:  # unpickling a damaged tuner.pkl/searcher state raises many types
+            raise ConfigError(f"--resume: Tune cannot read the study state in {exp_path} ({type(exc).__name__}): "
+                              "move that folder away to start afresh, or restore it from a backup") from None
     parent_id = parent_run(client, experiment_id, spec.name, ds.key, reuse=resume)
     if not client.get_run(parent_id).data.params:  # a resumed study keeps its first settings (as Tune's restore does)
         tracking.log_params(client, parent_id, {"study": spec.name, "dataset_key": ds.key, "num_samples": spec.num_samples,
                                                 "max_concurrent": spec.max_concurrent, "epochs": epochs,
                                                 "gpus_per_trial": spec.gpus_per_trial, "sampler": f"TPE(seed={spec.seed})",
                                                 "scheduler": "ASHA", "pruned_trials_told_as": "PRUNED"})
-    # the trial function only drives Train, whose workers hold the CPUs/GPUs: it asks for memory alone (Ray
-    # rejects an all-zero request), so two 1-CPU trials fit a 2-CPU laptop
-    trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
-    if exists:
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-    else:
+    if not exists:
         base.runtime.storage_path = f"{spec.root()}/train_runs"
         base.runtime.show_progress = False
         tuner = tune.Tuner(
@@ -580,10 +581,45 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
     return DatasetOutcome(ds.key, exp_path, parent_id, rows, best, importances, model_name, version)
 
 
+def check_study_state(spec: StudySpec, resume: bool) -> None:
+    """Before anything starts or is written: each data set's Tune state is absent, or (--resume) readable and
+    made by this study for the same data set and model; otherwise one ConfigError line, nothing touched."""
+    for ds in spec.datasets:
+        exp_path = f"{spec.root()}/{ds.key}"
+        if not tune.Tuner.can_restore(exp_path):
+            continue
+        if not resume:
+            raise ConfigError(f"study data set already exists at {exp_path}: pass --resume to continue it, "
+                              "or choose another --storage-path or --name")
+        if "://" not in exp_path:  # local state is checked here; remote state when Tune restores it
+            _check_own_state(Path(exp_path), spec.base_config(ds))
+
+
+def _check_own_state(path: Path, base: TrainConfig) -> None:
+    what = f"--resume: the study state in {path}"
+    states = sorted(path.glob("experiment_state-*.json"))
+    try:
+        trials = [json.loads(t) for t, _ in json.loads(states[-1].read_text())["trial_data"]] if states else None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{what} is corrupt ({type(exc).__name__}): move that folder away to start afresh, "
+                          "or restore it from a backup") from None
+    if trials is None:
+        raise ConfigError(f"{what} has no experiment_state-*.json: move that folder away to start afresh")
+    ours = (base.data.dataset, float(base.data.imbalance_factor), base.model.arch, base.loss.method)
+    for trial in trials:
+        train = (trial.get("config") or {}).get("train") or {}
+        data, model, loss = (train.get(k) or {} for k in ("data", "model", "loss"))
+        theirs = (data.get("dataset"), float(data.get("imbalance_factor") or 0), model.get("arch"), loss.get("method"))
+        if theirs != ours:
+            raise ConfigError(f"{what} belongs to another study ({'/'.join(map(str, theirs))}, this one runs "
+                              f"{'/'.join(map(str, ours))}): choose another --name or --storage-path")
+
+
 def run_study(spec: StudySpec, resume: bool = False) -> list[DatasetOutcome]:
     """Run (or resume) the study on every data set in turn; returns what each data set left in MLflow."""
     from mlflow.tracking import MlflowClient
 
+    check_study_state(spec, resume)
     # evaluation epochs carry "acc", the others only training losses: Tune must not insist on "acc" in each report
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     uri = tracking.tracking_uri(spec.tracking_uri)

@@ -164,6 +164,68 @@ def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
     assert set(info["workers"]) == set(info["cluster"])  # one 1-CPU trial on each worker node
 
 
+@pytest.mark.parametrize("damage,expected", [
+    ("corrupt", "is corrupt (JSONDecodeError)"), ("foreign", "belongs to another study (cifar100-lt/100.0/resnet32/mbib"),
+    ("no state", "has no experiment_state"), ("fresh run over it", "already exists")])
+def test_resume_over_a_corrupt_or_foreign_state_is_one_line_and_touches_nothing(tmp_path, damage, expected):
+    from mbib.errors import ConfigError
+    from mbib.study import SMOKE_OVERRIDES, DatasetSpec, StudySpec, run_study
+
+    ds = DatasetSpec("digits-lt-if10", {"data.dataset": "digits-lt", "data.imbalance_factor": 10})
+    spec = StudySpec(name="t", preset="cifar100-lt", datasets=[ds], overrides=dict(SMOKE_OVERRIDES), num_samples=1,
+                     max_concurrent=1, storage_path=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    state = tmp_path / "runs" / "t" / ds.key
+    state.mkdir(parents=True)
+    (state / "tuner.pkl").write_bytes(b"\x80\x05 whatever Tune pickled")
+    trial = {"trial_id": "x", "status": "TERMINATED", "config": {"train": spec.base_config(ds).to_dict()}}
+    if damage == "foreign":  # another study's state under this name: CIFAR-100-LT trials
+        trial["config"]["train"]["data"].update(dataset="cifar100-lt", imbalance_factor=100.0)
+    if damage != "no state":
+        text = json.dumps({"trial_data": [[json.dumps(trial), "{}"]]})
+        (state / "experiment_state-2026.json").write_text(text[: len(text) // 2] if damage == "corrupt" else text)
+    before = {p: p.read_bytes() for p in state.iterdir()}
+    with pytest.raises(ConfigError) as err:
+        run_study(spec, resume=damage != "fresh run over it")
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert {p: p.read_bytes() for p in state.iterdir()} == before and not (tmp_path / "mlflow.db").exists()
+
+
+def test_free_port_stays_out_of_the_ephemeral_range_and_rays_worker_ports():
+    from mbib.raylocal import RAY_WORKER_PORTS, _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(RAY_WORKER_PORTS[1] < p < _ephemeral_low() for p in ports) and len(ports) > 1
+
+
+RACE_SCRIPT = r"""
+import socket, sys
+import ray
+from mbib import raylocal
+from mbib.errors import TrainingError
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()  # another process got there first
+port = taken.getsockname()[1]
+real = raylocal.free_port
+raylocal.free_port = lambda: port
+try:
+    raylocal.ensure_ray(dashboard=True)
+except TrainingError as exc:
+    print("ERROR", str(exc).replace(chr(10), "<NL>"))
+picks = iter([port])
+raylocal.free_port = lambda: next(picks, None) or real()
+raylocal.ensure_ray(dashboard=True)
+print("STARTED", ray.get_runtime_context().gcs_address, ray.cluster_resources().get("CPU", 0) > 0)
+"""
+
+
+def test_a_dashboard_port_taken_at_start_gets_a_fresh_port_or_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-c", RACE_SCRIPT], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    lines = res.stdout.splitlines()
+    error = next((ln for ln in lines if ln.startswith("ERROR ")), "")
+    assert "Ray could not start" in error and "<NL>" not in error, res.stdout[-2000:] + res.stderr[-3000:]
+    assert any(ln.startswith("STARTED ") and ln.endswith(" True") for ln in lines), res.stderr[-3000:]
+
+
 def test_cluster_yaml_validates_against_rays_schema():
     import jsonschema
     import ray
