@@ -28,6 +28,7 @@ from mbib.config import TrainConfig, apply_overrides, preset
 from mbib.data.datasets import pinned_data_root
 from mbib.errors import ConfigError, TrainingError
 from mbib.raylocal import ensure_ray
+from mbib.storelock import LockPatientClient
 
 SEARCH_SPACE: dict[str, tuple[float, float]] = {  # the paper's ranges (Sec. 4.2, Fig. 3-4)
     "beta": (0.0, 5.0), "a": (0.0, 1.0), "b": (0.0, 1.0), "m": (0.0, 0.5), "gamma": (0.0, 1.0)}
@@ -213,7 +214,7 @@ class MLflowTrialLogger(tune.Callback):
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(self.uri)
+            self._client = LockPatientClient(MlflowClient(self.uri))
         return self._client
 
     def child_run(self, trial) -> str:
@@ -623,7 +624,7 @@ def run_study(spec: StudySpec, resume: bool = False) -> list[DatasetOutcome]:
     # evaluation epochs carry "acc", the others only training losses: Tune must not insist on "acc" in each report
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     uri = tracking.tracking_uri(spec.tracking_uri)
-    client = MlflowClient(uri)
+    client = LockPatientClient(MlflowClient(uri))  # another study writing the same SQLite file waits, not dies
     experiment_id = tracking.get_or_create_experiment(client, spec.name)  # on the driver, before any trial
     ensure_ray(dashboard=True)
     return [run_dataset(spec, ds, client, experiment_id, uri, resume) for ds in spec.datasets]

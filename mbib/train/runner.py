@@ -20,6 +20,7 @@ from mbib.config import TrainConfig
 from mbib.data.datasets import pinned_data_root
 from mbib.errors import MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
+from mbib.storelock import LockPatientClient
 from mbib.train.engine import class_names, load_data
 from mbib.train.loop import train_loop_per_worker
 
@@ -50,7 +51,7 @@ class MLflowReportCallback(ray.train.UserCallback):
         if epoch in self.logged:  # the replay recomputes the same values (resume is exact): keep the first
             return
         try:
-            tracking.log_metrics(MlflowClient(self.uri), self.run_id, m, step=epoch)
+            tracking.log_metrics(LockPatientClient(MlflowClient(self.uri)), self.run_id, m, step=epoch)
             self.logged.add(epoch)
         except Exception as exc:  # a tracking hiccup must never kill the training run
             logging.getLogger(__name__).warning("MLflow logging failed at epoch %s: %s", m.get("epoch"), exc)
@@ -112,7 +113,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         from mlflow.tracking import MlflowClient
 
         uri = tracking.tracking_uri(tracking_uri)
-        client = MlflowClient(uri)
+        client = LockPatientClient(MlflowClient(uri))  # a second writer on a SQLite store: wait, not die
         exp_id = tracking.get_or_create_experiment(client, cfg.experiment)
         tags = {"mlflow.runName": cfg.run_name}
         if parent_run_id:
