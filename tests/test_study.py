@@ -92,17 +92,16 @@ def _tpe_proposals(seed, n):
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
-    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", "1")
+    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", "2")
     proc = _driver(tmp_path, *args)
-    deadline = time.time() + 600
-    while time.time() < deadline:  # kill the driver once Tune has recorded a finished trial in its state
-        time.sleep(3)
-        if _finished_trial_dirs(tmp_path):
-            break
+    # kill once Tune has recorded one finished trial and the next one has reported (and checkpointed) an epoch
+    while proc.poll() is None and not _in_flight_trial_dirs(tmp_path):
+        time.sleep(0.5)
+    assert proc.poll() is None, "the study finished before it could be killed: " + (tmp_path / "driver.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = _finished_trial_dirs(tmp_path)
-    assert finished
+    finished, in_flight = _finished_trial_dirs(tmp_path), _in_flight_trial_dirs(tmp_path)
+    assert finished and in_flight
     lines_before = {d: (d / "result.json").read_text().count("\n") for d in finished}
     exp = client.get_experiment_by_name("t")
     ended = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
@@ -111,25 +110,47 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 2
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    for p in parents:  # one registered version per data set, even though its parent run was reused
+        name = p.data.tags["mbib.registered_model"]
+        assert p.data.tags["mbib.registered_version"] == "1"
+        assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     ids = [r.data.tags["mbib.trial_id"] for r in kids]
     assert len(ids) == len(set(ids)) == 4  # 2 trials per data set, no duplicate child runs
     for d, n in lines_before.items():  # finished trials were not rerun: no new results, same MLflow record
         assert (d / "result.json").read_text().count("\n") == n
     for tid, end in ended.items():
         assert next(r for r in kids if r.data.tags["mbib.trial_id"] == tid).info.end_time == end
+    for d in in_flight:  # the interrupted trial went on from its epoch-0 checkpoint: epoch 1 was not trained twice
+        done = [json.loads(line)["epochs_done"] for line in (d / "result.json").read_text().splitlines()]
+        assert done == [1, 2], done
+
+
+def _trial_states(tmp_path):
+    """(trial folder, status) of every trial in Tune's saved experiment states."""
+    out = []
+    for state in (tmp_path / "runs" / "t").glob("*/experiment_state-*.json"):
+        try:
+            data = json.loads(state.read_text())
+        except ValueError:  # caught mid-write: the next poll reads it whole
+            continue
+        for trial_json, _ in data.get("trial_data", []):
+            t = json.loads(trial_json)
+            out.extend((d, t.get("status")) for d in state.parent.glob(f"*{t['trial_id']}*") if d.is_dir())
+    return out
 
 
 def _finished_trial_dirs(tmp_path):
-    """Trial folders of trials that Tune's saved experiment state lists as TERMINATED."""
-    out = []
-    for state in (tmp_path / "runs" / "t").glob("*/experiment_state-*.json"):
-        data = json.loads(state.read_text())
-        for trial_json, _ in data.get("trial_data", []):
-            t = json.loads(trial_json)
-            if t.get("status") == "TERMINATED":
-                out.extend(state.parent.glob(f"*{t['trial_id']}*"))
-    return [d for d in out if d.is_dir()]
+    return [d for d, status in _trial_states(tmp_path) if status == "TERMINATED"]
+
+
+def _in_flight_trial_dirs(tmp_path):
+    """Running trials with a result on disk, once another trial has finished."""
+    states = _trial_states(tmp_path)
+    if not any(status == "TERMINATED" for _, status in states):
+        return []
+    return [d for d, status in states if status == "RUNNING" and (d / "result.json").is_file()
+            and (d / "result.json").read_text().strip()]
 
 
 CLUSTER_SCRIPT = r"""
