@@ -53,24 +53,31 @@ def train_loop_per_worker(config: dict) -> None:
         is_eval = (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs
         if not is_eval:
             ray.train.report(metrics)
-        else:
-            result = engine.evaluate()
-            metrics.update(result.metrics())
-            best = max(best, result.acc)
-            metrics["best_acc"] = best
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    state = engine.state_dict()
-                    state.update(epoch=epoch, best_acc=best, metrics=metrics, confusion=result.confusion)
-                    save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+            _tick(bar, metrics)
+            _inject_fault(cfg, epoch, restored)  # between two checkpoints: the restart replays this epoch
+            continue
+        result = engine.evaluate()
+        metrics.update(result.metrics())
+        best = max(best, result.acc)
+        metrics["best_acc"] = best
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                state = engine.state_dict()
+                state.update(epoch=epoch, best_acc=best, metrics=metrics, confusion=result.confusion)
+                save_checkpoint(state, Path(tmp) / CHECKPOINT_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
         _tick(bar, metrics)
-        if cfg.runtime.inject_failure_epoch == epoch and restored is None:  # after a checkpoint, or between two
-            raise InjectedFault(f"injected fault after epoch {epoch}")
+        _inject_fault(cfg, epoch, restored)
     if bar is not None:
         bar.close()
+
+
+def _inject_fault(cfg: TrainConfig, epoch: int, restored) -> None:
+    """The fault-injection test hook: crash once, in the first start only."""
+    if cfg.runtime.inject_failure_epoch == epoch and restored is None:
+        raise InjectedFault(f"injected fault after epoch {epoch}")
 
 
 def _progress(rank: int, cfg: TrainConfig, start: int):
