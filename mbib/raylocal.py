@@ -14,7 +14,6 @@ from mbib.errors import TrainingError
 # alone take longer, and ray.init dies with "Failed to start the dashboard" and an empty dashboard log.
 DASHBOARD_START_TIMEOUT_S = 600
 RAY_WORKER_PORTS = (10002, 19999)  # Ray's default min/max_worker_port: never hand these out
-START_ATTEMPTS = 2  # a port another process took between our pick and Ray's bind gets one fresh try
 
 
 def _ephemeral_low() -> int:
@@ -45,6 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def patient_dashboard_start() -> None:
+    """Let ray.init wait DASHBOARD_START_TIMEOUT_S for the dashboard, unless RAY_DASHBOARD_STARTUP_TIMEOUT_S says."""
+    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ:
+        from ray._private import ray_constants  # read by ray.init at call time, set from the environment at import
+
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S,
+                                                            DASHBOARD_START_TIMEOUT_S)
+
+
 def ensure_ray(dashboard: bool = False) -> None:
     """Join RAY_ADDRESS's cluster, else start a fresh local Ray (never a stale `ray start` left on the machine).
 
@@ -55,28 +63,21 @@ def ensure_ray(dashboard: bool = False) -> None:
     """
     if ray.is_initialized():
         return
-    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ:
-        from ray._private import ray_constants  # read by ray.init at call time, set from the environment at import
-
-        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S,
-                                                            DASHBOARD_START_TIMEOUT_S)
-    error: Exception | None = None
-    for _ in range(START_ATTEMPTS if dashboard and not os.environ.get("RAY_ADDRESS") else 1):
-        api, kwargs = os.environ.get("RAY_API_SERVER_ADDRESS"), {}
-        if not os.environ.get("RAY_ADDRESS"):
-            kwargs = {"address": "local"}
-            if dashboard:
-                port = free_port()
-                api = api or f"http://127.0.0.1:{port}"
-                kwargs.update(include_dashboard=True, dashboard_port=port)
-        runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None
-        try:
-            ray.init(configure_logging=False, log_to_driver=True, runtime_env=runtime_env, **kwargs)
-            return
-        except Exception as exc:  # Ray raises bare Exceptions (with log excerpts) when a component fails to start
-            error = exc
-            ray.shutdown()
-    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    where = f"join the cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "start"
-    raise TrainingError(f"Ray could not {where} ({type(error).__name__}: {first[:200]}): check `ray status` and "
-                        "free memory, wait for other jobs on this machine, or set RAY_ADDRESS to a running cluster")
+    patient_dashboard_start()
+    api, kwargs = os.environ.get("RAY_API_SERVER_ADDRESS"), {}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs = {"address": "local"}
+        if dashboard:
+            port = free_port()
+            api = api or f"http://127.0.0.1:{port}"
+            kwargs.update(include_dashboard=True, dashboard_port=port)
+    runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None
+    try:
+        ray.init(configure_logging=False, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+    except Exception as exc:  # Ray raises bare Exceptions (with log excerpts) when a component fails to start
+        ray.shutdown()
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        where = f"join RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "start"
+        raise TrainingError(f"Ray could not {where} ({type(exc).__name__}: {first[:200]}): check `ray status` and "
+                            "free memory, wait for other jobs on this machine, or set RAY_ADDRESS to a running "
+                            "cluster") from None

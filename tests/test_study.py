@@ -89,6 +89,7 @@ def _tpe_proposals(seed, n):
     return [study.ask(fixed_distributions=dists).params for _ in range(n)]
 
 
+@pytest.mark.timeout(1500)  # two study drivers one after the other, 2-epoch trials
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
@@ -218,33 +219,29 @@ def test_free_port_stays_out_of_the_ephemeral_range_and_rays_worker_ports():
     assert all(RAY_WORKER_PORTS[1] < p < _ephemeral_low() for p in ports) and len(ports) > 1
 
 
-RACE_SCRIPT = r"""
-import socket, sys
-import ray
-from mbib import raylocal
-from mbib.errors import TrainingError
-taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()  # another process got there first
-port = taken.getsockname()[1]
-real = raylocal.free_port
-raylocal.free_port = lambda: port
-try:
-    raylocal.ensure_ray(dashboard=True)
-except TrainingError as exc:
-    print("ERROR", str(exc).replace(chr(10), "<NL>"))
-picks = iter([port])
-raylocal.free_port = lambda: next(picks, None) or real()
-raylocal.ensure_ray(dashboard=True)
-print("STARTED", ray.get_runtime_context().gcs_address, ray.cluster_resources().get("CPU", 0) > 0)
-"""
+def test_dashboard_gets_ten_minutes_to_start_unless_the_environment_says(monkeypatch):
+    from ray._private import ray_constants
+
+    from mbib.raylocal import patient_dashboard_start
+
+    monkeypatch.delenv("RAY_DASHBOARD_STARTUP_TIMEOUT_S", raising=False)
+    monkeypatch.setattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 60)  # Ray's default: too short under load
+    patient_dashboard_start()
+    assert ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 600
+    monkeypatch.setattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 5)
+    monkeypatch.setenv("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "5")  # the user's own choice stands
+    patient_dashboard_start()
+    assert ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 5
 
 
-def test_a_dashboard_port_taken_at_start_gets_a_fresh_port_or_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-c", RACE_SCRIPT], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                         timeout=600)
-    lines = res.stdout.splitlines()
-    error = next((ln for ln in lines if ln.startswith("ERROR ")), "")
-    assert "Ray could not start" in error and "<NL>" not in error, res.stdout[-2000:] + res.stderr[-3000:]
-    assert any(ln.startswith("STARTED ") and ln.endswith(" True") for ln in lines), res.stderr[-3000:]
+def test_ray_that_cannot_start_is_one_line(tmp_path):
+    """The reported failure itself: the dashboard not up in time ("Failed to start the dashboard")."""
+    script = ("from mbib.errors import TrainingError\nfrom mbib.raylocal import ensure_ray\n"
+              "try:\n    ensure_ray(dashboard=True)\nexcept TrainingError as exc:\n    print('ERROR', str(exc).replace(chr(10), '<NL>'))")
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(RAY_DASHBOARD_STARTUP_TIMEOUT_S="0"),
+                         capture_output=True, text=True, timeout=300)
+    error = next((ln for ln in res.stdout.splitlines() if ln.startswith("ERROR ")), "")
+    assert error.startswith("ERROR Ray could not start (") and "<NL>" not in error, res.stdout[-2000:] + res.stderr[-3000:]
 
 
 def test_cluster_yaml_validates_against_rays_schema():
