@@ -4,6 +4,7 @@ A checkpoint dict holds
   model_spec: {"name", "num_classes", "options"}      -> rebuilds the network with build_model
   data_spec:  {"dataset", "classes", "mean", "std", "image_size", "class_counts"}
   model: state_dict; and, for resumable training, optimizer, scheduler, epoch, rng, config, metrics.
+  format, mbib_version: added on save; a checkpoint without `format` is format 0 (same layout, read as is).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from mbib.errors import TrainingError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT = 1  # bump when the layout above changes incompatibly; load_checkpoint refuses newer ones
+TMP_INFIX = ".tmp-"  # atomic_write's temporary files: `.<target name>.tmp-XXXX`
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
@@ -29,7 +32,9 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 def atomic_write(target: Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Write to a temporary file beside the target, then rename: a crash never leaves half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+    for stale in target.parent.glob(f".{target.name}{TMP_INFIX}*"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_INFIX}")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -43,6 +48,9 @@ def atomic_write(target: Path, write: Callable[[BinaryIO], Any]) -> Path:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    from mbib import __version__
+
+    state = {**state, "format": FORMAT, "mbib_version": __version__}
     return atomic_write(checkpoint_file(path), lambda fh: torch.save(state, fh))
 
 
@@ -57,7 +65,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise TrainingError(f"checkpoint {target} cannot be read ({type(exc).__name__}): re-export or pick another") from None
     if not isinstance(state, dict) or "model" not in state or "model_spec" not in state:
         raise TrainingError(f"checkpoint {target} lacks model weights or model_spec: it was not written by mbib")
+    if int(state.get("format", 0)) > FORMAT:
+        raise TrainingError(f"checkpoint {target} has format {state['format']} from mbib {state.get('mbib_version', '?')}, "
+                            f"newer than this mbib reads (format {FORMAT}): upgrade mbib")
     return state
+
+
+def describe(model_spec: dict[str, Any], dataset: str | None) -> str:
+    """`resnet32 (head=mbib, num_taps=3) with 10 classes on mnist-lt`: what a checkpoint or a run was built for."""
+    options = ", ".join(f"{k}={v}" for k, v in sorted((model_spec.get("options") or {}).items()))
+    text = f"{model_spec.get('name')}{f' ({options})' if options else ''} with {model_spec.get('num_classes')} classes"
+    return text + (f" on {dataset}" if dataset else "")
+
+
+def load_weights(module: Any, weights: dict[str, Any], state: dict[str, Any], target: str,
+                 where: str | os.PathLike = "checkpoint") -> None:
+    """load_state_dict with a one-line TrainingError naming both sides instead of torch's multi-line report.
+
+    module: anything with load_state_dict (a network, or the training Engine); state: the checkpoint (its
+    model_spec/data_spec say what it was made for); target: what it is loaded into, in words.
+    """
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        first = lines[1] if len(lines) > 1 else lines[0]  # torch's first line is only "Error(s) in loading ..."
+        made_for = describe(state.get("model_spec", {}), (state.get("data_spec") or {}).get("dataset"))
+        raise TrainingError(f"checkpoint {where} was made for {made_for}, but is loaded into {target} "
+                            f"({first.rstrip(':')}): use a checkpoint of this model, or another run name") from None
+
+
+def check_compatible(state: dict[str, Any], model_spec: dict[str, Any], dataset: str, where: str | os.PathLike) -> None:
+    """Refuse a checkpoint made for another architecture, head, class count or data set (one line, both sides)."""
+    theirs = (state.get("model_spec", {}), (state.get("data_spec") or {}).get("dataset"))
+    if theirs[0] != model_spec or (theirs[1] is not None and theirs[1] != dataset):
+        raise TrainingError(f"checkpoint {where} was made for {describe(*theirs)}, but this run is "
+                            f"{describe(model_spec, dataset)}: pick a matching checkpoint, or another run name")
 
 
 def model_from_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
@@ -67,5 +110,5 @@ def model_from_checkpoint(path: str | os.PathLike, map_location: str | torch.dev
     state = load_checkpoint(path, map_location)
     spec = state["model_spec"]
     model = build_model(spec["name"], spec["num_classes"], **spec.get("options", {}))
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], state, describe(spec, None) + " (its own model_spec)", checkpoint_file(path))
     return model.eval(), state

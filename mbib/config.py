@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,12 +160,18 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
         hints = typing.get_type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
         if parts[-1] not in hints:
             raise ConfigError(f"unknown setting {key!r}: see `mbib train --help` for the settings")
+        if dataclasses.is_dataclass(hints[parts[-1]]):  # a whole section, e.g. `--set data=x`
+            raise ConfigError(f"{key!r} is a section, not a setting: set one of its fields, e.g. {key}.{dataclasses.fields(hints[parts[-1]])[0].name}=...")
         setattr(obj, parts[-1], _coerce(value, hints[parts[-1]], key))
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
+    for key, value in cfg.flat().items():  # NaN slips through every range check (all comparisons are False)
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}={v} is not a finite number: give a finite value")
     o, loss, rt = cfg.optim, cfg.loss, cfg.runtime
     checks = [
         (o.epochs >= 1, "optim.epochs must be >= 1"),

@@ -3,15 +3,54 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import ray
 
+from mbib.errors import TrainingError
+
+# Ray waits 60 s for its dashboard by default; on a loaded machine (two trainings running) its start-up imports
+# alone take longer, and ray.init dies with "Failed to start the dashboard" and an empty dashboard log.
+DASHBOARD_START_TIMEOUT_S = 600
+RAY_WORKER_PORTS = (10002, 19999)  # Ray's default min/max_worker_port: never hand these out
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS and Windows use 49152 and up
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port below the ephemeral range (and above Ray's worker ports).
+
+    Ports from bind(0) are ephemeral: between our pick and the server's bind, any process's bind(0) or outgoing
+    connection can be handed the same port. Below the ephemeral range only explicit pickers like this one compete.
+    """
+    low, high = RAY_WORKER_PORTS[1] + 1, _ephemeral_low() - 1
+    candidates = random.sample(range(low, high), min(200, high - low)) if high - low > 100 else []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # an unusual port range configuration: let the OS choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def patient_dashboard_start() -> None:
+    """Let ray.init wait DASHBOARD_START_TIMEOUT_S for the dashboard, unless RAY_DASHBOARD_STARTUP_TIMEOUT_S says."""
+    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ:
+        from ray._private import ray_constants  # read by ray.init at call time, set from the environment at import
+
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S,
+                                                            DASHBOARD_START_TIMEOUT_S)
 
 
 def ensure_ray(dashboard: bool = False) -> None:
@@ -20,10 +59,11 @@ def ensure_ray(dashboard: bool = False) -> None:
     ``dashboard=True`` (studies) also starts the dashboard and points RAY_API_SERVER_ADDRESS at it: Tune kills
     the actor of a trial ASHA stops, and its Train workers' placement group is then freed only by Train's
     cleaner, which asks the dashboard's state API whether the controller died; without it the CPUs would stay
-    reserved and later trials would wait forever.
+    reserved and later trials would wait forever. When Ray cannot start, one TrainingError line says why.
     """
     if ray.is_initialized():
         return
+    patient_dashboard_start()
     api, kwargs = os.environ.get("RAY_API_SERVER_ADDRESS"), {}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs = {"address": "local"}
@@ -32,4 +72,12 @@ def ensure_ray(dashboard: bool = False) -> None:
             api = api or f"http://127.0.0.1:{port}"
             kwargs.update(include_dashboard=True, dashboard_port=port)
     runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None
-    ray.init(configure_logging=False, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+    try:
+        ray.init(configure_logging=False, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+    except Exception as exc:  # Ray raises bare Exceptions (with log excerpts) when a component fails to start
+        ray.shutdown()
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        where = f"join RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "start"
+        raise TrainingError(f"Ray could not {where} ({type(exc).__name__}: {first[:200]}): check `ray status` and "
+                            "free memory, wait for other jobs on this machine, or set RAY_ADDRESS to a running "
+                            "cluster") from None

@@ -6,8 +6,8 @@ Pre-processing (the same in the service, the benchmark and the tests):
   over black (premultiplied reading: a transparent pixel carries no light), convert to the model's
   channels, then resize: models of <= 64 px (CIFAR/MNIST style, trained on whole images) get the
   image resized directly to image_size x image_size; larger models get the shorter side resized to
-  image_size / 0.875 and a centre crop of image_size (the ImageNet evaluation transform), then the
-  stored mean/std normalisation.
+  image_size / 0.875 and a centre crop of image_size (torchvision's Resize + CenterCrop that
+  mbib.data.filelist evaluates with, pixel for pixel), then the stored mean/std normalisation.
 """
 
 import asyncio
@@ -15,7 +15,7 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from mbib.errors import ConfigError
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 SMALL_MODEL_MAX = 64  # image sizes up to this are resized without a crop
 CROP_FRACTION = 0.875  # resize-then-centre-crop ratio for ImageNet-sized models
+DRAIN_MAX_BYTES = 256 * 1024 * 1024  # an oversized body up to this is read and dropped so the client reads the 413
 ENV_PREFIX = "MBIB_SERVE_"
 
 
@@ -132,14 +133,21 @@ def decode_image(data: bytes, max_pixels: int, target_size: int | None = None) -
     return image
 
 
+def decode_size(size: int) -> int:
+    """The shorter side the model's resize asks for (a JPEG may be decoded at a reduced scale down to it)."""
+    return size if size <= SMALL_MODEL_MAX else round(size / CROP_FRACTION)
+
+
 def resize_for_model(image: Image.Image, size: int) -> Image.Image:
-    """Small models: direct resize; large models: shorter side to size/0.875, then centre crop."""
+    """Small models: direct resize; large models: torchvision's Resize(size/0.875) + CenterCrop(size) exactly
+    (the longer side truncated, crop offsets rounded, as the training data's evaluation transform does)."""
     if size <= SMALL_MODEL_MAX:
         return image.resize((size, size), Image.Resampling.BILINEAR)
     width, height = image.size
-    scale = round(size / CROP_FRACTION) / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BILINEAR)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    short = decode_size(size)
+    new = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    resized = image.resize(new, Image.Resampling.BILINEAR)
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     return resized.crop((left, top, left + size, top + size))
 
 
@@ -190,7 +198,16 @@ class OnnxClassifier:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.providers = choose_providers(cuda_present() if use_cuda is None else use_cuda)
-        self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as exc:  # ONNX Runtime raises its own types, with multi-line messages
+            detail = " ".join(str(exc).split())[:200]
+            raise ConfigError(f"{path} is not a loadable ONNX model ({type(exc).__name__}: {detail}): "
+                              "export one with `mbib export`") from None
+        inputs, outputs = self.session.get_inputs(), {o.name for o in self.session.get_outputs()}
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or "probs" not in outputs:
+            raise ConfigError(f"{path} is not an mbib export (one [B, C, H, W] input and a `probs` output): "
+                              "export it with `mbib export`")
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
             self.classes: list[str] = json.loads(meta["classes"])
@@ -204,7 +221,7 @@ class OnnxClassifier:
         self.input_name = self.session.get_inputs()[0].name
 
     def preprocess(self, data: bytes, max_pixels: int = ServeSettings.max_image_pixels) -> np.ndarray:
-        image = decode_image(data, max_pixels, self.image_size)
+        image = decode_image(data, max_pixels, decode_size(self.image_size))
         return to_model_input(image, self.image_size, self.mean, self.std, self.channels)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
@@ -251,18 +268,42 @@ async def _image_error(request: Request, exc: ImageError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything unexpected still answers JSON (never Starlette's plain-text 500); the replica stays up."""
+    detail = " ".join(str(exc).split())[:200]
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}: {detail}): retry, or report it"},
+                        status_code=500)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 by its Content-Length or once more than `limit` bytes arrive."""
+    """The request body, refused with 413 by its Content-Length or once more than `limit` bytes arrive.
+
+    An oversized body is read to its end (up to DRAIN_MAX_BYTES) and dropped before the 413 goes out: a client
+    that sends it all without `Expect: 100-continue` (urllib) would otherwise get a connection reset, not the JSON.
+    """
     declared = request.headers.get("content-length")
+    stream = request.stream()  # one iterator: Starlette refuses a second request.stream()
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        if int(declared) <= DRAIN_MAX_BYTES:
+            await _drain(stream, 0)
         raise ImageError(413, f"body of {declared} bytes exceeds the {limit}-byte limit: send a smaller image")
     chunks, total = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         total += len(chunk)
         if total > limit:
+            await _drain(stream, total)
             raise ImageError(413, f"body exceeds the {limit}-byte limit: send a smaller image")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _drain(stream: AsyncIterator[bytes], seen: int) -> None:
+    """Read and drop the rest of a refused body, bounded: past DRAIN_MAX_BYTES the server closes instead."""
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > DRAIN_MAX_BYTES:
+            return
 
 
 async def _multipart_files(request: Request, body: bytes, allowed: tuple[str, ...], max_files: int) -> list[tuple[str, bytes]]:
@@ -318,6 +359,13 @@ class ClassifierDeployment:
         x = await asyncio.to_thread(self.model.preprocess, data, self.settings.max_image_pixels)
         return self.model.top_k(await self._infer(x), top_k)
 
+    async def _classify_file(self, name: str, data: bytes, top_k: int) -> dict[str, Any]:
+        """One batch entry: predictions, or the file's own error (status + message) instead of failing the batch."""
+        try:
+            return {"filename": name, "predictions": await self._classify_bytes(data, top_k)}
+        except ImageError as exc:
+            return {"filename": name, "error": exc.message, "status": exc.status}
+
     @api.post("/classify", openapi_extra=_CLASSIFY_BODY, summary="Classify one image (raw body or multipart field 'file')")
     async def classify(self, request: Request, top_k: int = Query(5, description="how many labels to return")) -> dict[str, Any]:
         self._check_top_k(top_k)
@@ -336,14 +384,11 @@ class ClassifierDeployment:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ImageError(415, "send the images as multipart/form-data in fields 'files'")
         files = await _multipart_files(request, body, ("files", "file"), max_files=self.settings.max_batch_files)
-        inputs = []
-        for name, data in files:
-            try:
-                inputs.append(await asyncio.to_thread(self.model.preprocess, data, self.settings.max_image_pixels))
-            except ImageError as exc:
-                raise ImageError(exc.status, f"{name}: {exc.message}") from None
-        probs = await asyncio.gather(*(self._infer(x) for x in inputs))
-        results = [{"filename": name, "predictions": self.model.top_k(p, top_k)} for (name, _), p in zip(files, probs)]
+        results = await asyncio.gather(*(self._classify_file(name, data, top_k) for name, data in files))
+        if all("error" in r for r in results):  # nothing decodable: the request itself is bad
+            first = results[0]
+            raise ImageError(first["status"], f"{first['filename']}: {first['error']}"
+                             + (f" (and {len(results) - 1} more file(s) failed)" if len(results) > 1 else ""))
         return {"model": self.model.describe(), "results": results}
 
     @api.get("/healthz", summary="Liveness: the replica holds a loaded model")
@@ -368,6 +413,7 @@ def build_app(settings: ServeSettings):
     model_path = Path(settings.model_path).resolve()
     if not model_path.is_file():
         raise ConfigError(f"ONNX model not found: {model_path} (set model_path in serve/config.yaml or MBIB_SERVE_MODEL_PATH)")
+    OnnxClassifier(model_path, use_cuda=False)  # a broken or foreign file fails here, before any replica deploys
     num_gpus = settings.num_gpus
     if num_gpus is None:  # a GPU share per replica only when this machine has CUDA
         num_gpus = 0.0

@@ -28,6 +28,7 @@ from mbib.config import TrainConfig, apply_overrides, preset
 from mbib.data.datasets import pinned_data_root
 from mbib.errors import ConfigError, TrainingError
 from mbib.raylocal import ensure_ray
+from mbib.storelock import LockPatientClient
 
 SEARCH_SPACE: dict[str, tuple[float, float]] = {  # the paper's ranges (Sec. 4.2, Fig. 3-4)
     "beta": (0.0, 5.0), "a": (0.0, 1.0), "b": (0.0, 1.0), "m": (0.0, 0.5), "gamma": (0.0, 1.0)}
@@ -213,7 +214,7 @@ class MLflowTrialLogger(tune.Callback):
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(self.uri)
+            self._client = LockPatientClient(MlflowClient(self.uri))
         return self._client
 
     def child_run(self, trial) -> str:
@@ -471,15 +472,23 @@ def summarize(client, parent_id: str, key: str, rows: list[TrialRow]) -> tuple[T
 
 def kept_checkpoint(path: str) -> str:
     """The best report's checkpoint, or, when Ray's num_to_keep broke an accuracy tie the other way and deleted
-    it, the kept sibling with the highest accuracy (the later one on ties)."""
+    it (or a killed writer left it partial), the readable sibling with the highest accuracy (later on ties)."""
     local = Path(path)
-    if "://" in path or local.exists():
+    if "://" in path or _checkpoint_acc(local / CHECKPOINT_FILE) is not None:
         return path
-    kept = sorted(local.parent.glob("epoch_*/" + CHECKPOINT_FILE))
+    kept = [(acc, k) for k in sorted(local.parent.glob("epoch_*/" + CHECKPOINT_FILE))
+            if (acc := _checkpoint_acc(k)) is not None]
     if not kept:
-        raise TrainingError(f"no checkpoint left under {local.parent}: was the run's storage deleted?")
-    accs = [load_checkpoint(k).get("metrics", {}).get("acc", -1.0) for k in kept]
-    return str(kept[max(range(len(kept)), key=lambda i: (accs[i], i))].parent)
+        raise TrainingError(f"no readable checkpoint left under {local.parent}: was the run's storage deleted?")
+    return str(max(enumerate(kept), key=lambda ik: (ik[1][0], ik[0]))[1][1].parent)
+
+
+def _checkpoint_acc(path: Path) -> float | None:
+    """The checkpoint's accuracy, or None when it is missing or unreadable (a partial epoch_* folder)."""
+    try:
+        return float(load_checkpoint(path).get("metrics", {}).get("acc", -1.0))
+    except TrainingError:
+        return None
 
 
 def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, model_name: str) -> str:
@@ -535,21 +544,22 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
     epochs = base.optim.epochs
     exp_path = f"{spec.root()}/{ds.key}"
     exists = tune.Tuner.can_restore(exp_path)
-    if exists and not resume:
-        raise ConfigError(f"study data set already exists at {exp_path}: pass --resume to continue it, "
-                          "or choose another --storage-path or --name")
+    # the trial function only drives Train, whose workers hold the CPUs/GPUs: it asks for memory alone (Ray
+    # rejects an all-zero request), so two 1-CPU trials fit a 2-CPU laptop
+    trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    if exists:  # before any MLflow write: a state Tune cannot read leaves the store as it was
+        try:
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        except Exception as exc:  # unpickling a damaged tuner.pkl/searcher state raises many types
+            raise ConfigError(f"--resume: Tune cannot read the study state in {exp_path} ({type(exc).__name__}): "
+                              "move that folder away to start afresh, or restore it from a backup") from None
     parent_id = parent_run(client, experiment_id, spec.name, ds.key, reuse=resume)
     if not client.get_run(parent_id).data.params:  # a resumed study keeps its first settings (as Tune's restore does)
         tracking.log_params(client, parent_id, {"study": spec.name, "dataset_key": ds.key, "num_samples": spec.num_samples,
                                                 "max_concurrent": spec.max_concurrent, "epochs": epochs,
                                                 "gpus_per_trial": spec.gpus_per_trial, "sampler": f"TPE(seed={spec.seed})",
                                                 "scheduler": "ASHA", "pruned_trials_told_as": "PRUNED"})
-    # the trial function only drives Train, whose workers hold the CPUs/GPUs: it asks for memory alone (Ray
-    # rejects an all-zero request), so two 1-CPU trials fit a 2-CPU laptop
-    trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
-    if exists:
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-    else:
+    if not exists:
         base.runtime.storage_path = f"{spec.root()}/train_runs"
         base.runtime.show_progress = False
         tuner = tune.Tuner(
@@ -572,14 +582,49 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
     return DatasetOutcome(ds.key, exp_path, parent_id, rows, best, importances, model_name, version)
 
 
+def check_study_state(spec: StudySpec, resume: bool) -> None:
+    """Before anything starts or is written: each data set's Tune state is absent, or (--resume) readable and
+    made by this study for the same data set and model; otherwise one ConfigError line, nothing touched."""
+    for ds in spec.datasets:
+        exp_path = f"{spec.root()}/{ds.key}"
+        if not tune.Tuner.can_restore(exp_path):
+            continue
+        if not resume:
+            raise ConfigError(f"study data set already exists at {exp_path}: pass --resume to continue it, "
+                              "or choose another --storage-path or --name")
+        if "://" not in exp_path:  # local state is checked here; remote state when Tune restores it
+            _check_own_state(Path(exp_path), spec.base_config(ds))
+
+
+def _check_own_state(path: Path, base: TrainConfig) -> None:
+    what = f"--resume: the study state in {path}"
+    states = sorted(path.glob("experiment_state-*.json"))
+    try:
+        trials = [json.loads(t) for t, _ in json.loads(states[-1].read_text())["trial_data"]] if states else None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{what} is corrupt ({type(exc).__name__}): move that folder away to start afresh, "
+                          "or restore it from a backup") from None
+    if trials is None:
+        raise ConfigError(f"{what} has no experiment_state-*.json: move that folder away to start afresh")
+    ours = (base.data.dataset, float(base.data.imbalance_factor), base.model.arch, base.loss.method)
+    for trial in trials:
+        train = (trial.get("config") or {}).get("train") or {}
+        data, model, loss = (train.get(k) or {} for k in ("data", "model", "loss"))
+        theirs = (data.get("dataset"), float(data.get("imbalance_factor") or 0), model.get("arch"), loss.get("method"))
+        if theirs != ours:
+            raise ConfigError(f"{what} belongs to another study ({'/'.join(map(str, theirs))}, this one runs "
+                              f"{'/'.join(map(str, ours))}): choose another --name or --storage-path")
+
+
 def run_study(spec: StudySpec, resume: bool = False) -> list[DatasetOutcome]:
     """Run (or resume) the study on every data set in turn; returns what each data set left in MLflow."""
     from mlflow.tracking import MlflowClient
 
+    check_study_state(spec, resume)
     # evaluation epochs carry "acc", the others only training losses: Tune must not insist on "acc" in each report
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     uri = tracking.tracking_uri(spec.tracking_uri)
-    client = MlflowClient(uri)
+    client = LockPatientClient(MlflowClient(uri))  # another study writing the same SQLite file waits, not dies
     experiment_id = tracking.get_or_create_experiment(client, spec.name)  # on the driver, before any trial
     ensure_ray(dashboard=True)
     return [run_dataset(spec, ds, client, experiment_id, uri, resume) for ds in spec.datasets]

@@ -7,6 +7,7 @@
 From Python: `serve.run(mbib.serving.build_app(ServeSettings(model_path="model.onnx")))`.
 """
 
+from mbib.errors import MBIBError
 from mbib.serving import ServeSettings, build_app
 
 
@@ -15,4 +16,7 @@ def app(args: dict):
     import os
 
     config = args.get("config") or os.environ.get("MBIB_SERVE_CONFIG")
-    return build_app(ServeSettings.from_sources(config, args))
+    try:
+        return build_app(ServeSettings.from_sources(config, args))
+    except MBIBError as exc:  # `serve run` calls this before starting Ray: one line and exit, not a traceback
+        raise SystemExit(f"error: {exc}") from None

@@ -1,8 +1,9 @@
-"""Shared by test_export.py and test_serve.py: a resnet32 MBIB trained for a few steps on real MNIST digits."""
+"""Shared by test_export.py and test_serve.py: a resnet32 MBIB trained for a few steps on scikit-learn's bundled
+digits (the `digits-lt` data set's pixels), so the tests need no data root and run on any machine."""
 
 from __future__ import annotations
 
-import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from mbib.checkpoint import save_checkpoint
+from mbib.data.digits import read_digits
 from mbib.models import build_model
 
-DATA_ROOT = Path(os.environ.get("MBIB_DATA_ROOT", "/work/shared/data"))
+DATASET = "digits-lt"  # export's parity check reloads the checkpoint's data set: bundled, always offline
+
+
+@lru_cache(maxsize=1)
+def _raw():
+    return read_digits()
 
 
 def digits(count: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [N, 3, 32, 32] MNIST digits (grey repeated, 2-pixel black border, as mbib.data does) and labels."""
-    data = np.load(DATA_ROOT / "mnist10k.npz")
-    x = torch.from_numpy(data[f"x_{split}"][:: len(data[f"x_{split}"]) // count][:count]).permute(0, 3, 1, 2)
-    y = torch.from_numpy(data[f"y_{split}"][:: len(data[f"y_{split}"]) // count][:count])
-    return F.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous(), y
+    """uint8 [N, 3, 32, 32] digits (grey repeated, as mbib.data does), spread over the split, and labels."""
+    x_all, y_all = getattr(_raw(), f"x_{split}"), getattr(_raw(), f"y_{split}")
+    pick = slice(None, None, max(1, len(x_all) // count))
+    x = torch.from_numpy(x_all[pick][:count]).permute(0, 3, 1, 2)
+    return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(y_all[pick][:count])
 
 
 def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -50,7 +57,7 @@ def train_tiny_checkpoint(run_dir: Path, steps: int = 4) -> Path:
         model(normalise(x, mean, std))
     state = {"model": model.state_dict(),
              "model_spec": {"name": "resnet32", "num_classes": 10, "options": {"head": "mbib"}},
-             "data_spec": {"dataset": "mnist-lt", "classes": [str(i) for i in range(10)], "mean": mean, "std": std,
+             "data_spec": {"dataset": DATASET, "classes": [str(i) for i in range(10)], "mean": mean, "std": std,
                            "image_size": 32, "class_counts": torch.bincount(y, minlength=10).tolist()}}
     return save_checkpoint(state, run_dir)
 

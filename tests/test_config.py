@@ -46,6 +46,28 @@ def test_overrides_are_typed_and_checked():
         preset("cifar1000")
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.epochs", 0, "optim.epochs must be >= 1"),
+    ("optim.batch_size", 0, "optim.batch_size must be >= 1"),
+    ("data.imbalance_factor", 0.5, "data.imbalance_factor must be >= 1"),
+    ("runtime.eval_every", 0, "runtime.eval_every must be >= 1"),
+    ("runtime.num_workers", 0, "runtime.num_workers must be >= 1"),
+    ("optim.lr", 0, "optim.lr must be > 0"),
+    ("optim.lr", "nan", "optim.lr=nan is not a finite number"),
+    ("loss.beta", "inf", "loss.beta=inf is not a finite number"),
+    ("optim.milestone_factors", "0.1,nan", "optim.milestone_factors=nan is not a finite number"),
+    ("data", "x", "'data' is a section, not a setting"),
+    ("optim", 1, "'optim' is a section, not a setting"),
+    ("foo.bar", 1, "unknown setting 'foo.bar'"),
+    ("foo", 1, "unknown setting 'foo'"),
+    ("data.dataset.x", 1, "unknown setting 'data.dataset.x'"),
+])
+def test_bad_settings_are_one_line_config_errors(key, value, message):
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(TrainConfig(), {key: value})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
 def test_roundtrip_through_dict():
     c = apply_overrides(TrainConfig(), {"loss.method": "bib", "optim.milestones": (3, 4)})
     assert TrainConfig.from_dict(c.to_dict()) == c

@@ -117,6 +117,24 @@ def test_cifar100_npz_in_data_root(tmp_path, monkeypatch):
     assert "cifar100.npz" in one_line(err)
 
 
+class _RunsCode:
+    def __reduce__(self):  # what a hostile pickle does: call a global with arguments on load
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_pickles_cannot_run_code_and_npz_is_preferred(tmp_path):
+    write_cifar100(tmp_path)
+    with open(tmp_path / "cifar-100-python" / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": _RunsCode()}, f)
+    with pytest.raises(DataError) as err:
+        read_cifar(tmp_path, CIFAR100)
+    assert "is not allowed" in one_line(err) and "system" in one_line(err)
+    # with both present, the npz (read without pickle) wins and the hostile meta file is never opened
+    write_npz(tmp_path / "cifar100.npz", train_per_class=(3,) * 100, test_per_class=1, hw=(32, 32), channels=3)
+    d = load_dataset("cifar100-lt", data_root=tmp_path, imbalance_factor=3, download=False)
+    assert d.class_counts == lt_class_counts(100, 3, 3)
+
+
 def test_cifar100_missing_is_one_line_naming_both_ways(tmp_path):
     with pytest.raises(DataError) as err:
         load_dataset("cifar100-lt", data_root=tmp_path, download=False)

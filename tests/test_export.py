@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_helpers import DATA_ROOT, digits, normalise, train_tiny_checkpoint, write_parity_npz  # noqa: E402
+from serving_helpers import digits, normalise, train_tiny_checkpoint, write_parity_npz  # noqa: E402
 
 from mbib import __version__  # noqa: E402
 from mbib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
@@ -39,7 +39,7 @@ def exported(tmp_path_factory):
     client.create_model_version("tiny", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
     mlflow.create_experiment("export", artifact_location=str(tmp / "export-artifacts"))  # not ./mlruns in the cwd
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MBIB_DATA_ROOT", str(DATA_ROOT))  # parity images come from the checkpoint's dataset
+        mp.delenv("MBIB_DATA_ROOT", raising=False)  # parity images come from the checkpoint's bundled data set
         report = export_onnx("models:/tiny/1", tmp / "model.onnx", parity_count=24, mlflow_tracking_uri=uri,
                              mlflow_experiment="export")
     return {"report": report, "onnx": tmp / "model.onnx", "ckpt": ckpt, "tmp": tmp, "uri": uri}
@@ -50,7 +50,7 @@ def test_report_passes_parity_on_real_images_and_is_logged_to_mlflow(exported):
 
     report = exported["report"]
     assert report["passed"] and report["exporter"] == "dynamo" and report["opset"] == 18
-    assert report["images"] == "dataset:mnist-lt" and report["batch_size"] == 24
+    assert report["images"] == "dataset:digits-lt" and report["batch_size"] == 24
     assert 0 <= report["max_abs_diff_logits"] <= 1e-4 and report["max_abs_diff_logits_batch1"] <= 1e-4
     assert report["top1_agreement"] == 1.0
     assert report["output_shapes"] == {"logits": [24, 10], "probs": [24, 10]}
@@ -105,7 +105,7 @@ def test_cli_refuses_to_write_when_parity_fails(exported, capsys):
     code = main([str(exported["ckpt"]), "--out", str(out), "--parity-npz", str(npz), "--tolerance", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists()
-    assert not list(out.parent.glob(".tmp-*"))  # no half-written temporary file left behind either
+    assert not list(out.parent.glob(".*.tmp-*"))  # no half-written temporary file left behind either
     assert "nothing written" in err[-1] and err[-1].startswith("error: ")
 
 

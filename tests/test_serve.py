@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
+import subprocess
 import sys
+import urllib.error
+import urllib.request
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serving_helpers import digits, normalise, train_tiny_checkpoint, write_parity_npz  # noqa: E402
 
 from mbib.checkpoint import model_from_checkpoint  # noqa: E402
+from mbib.errors import ConfigError  # noqa: E402
 from mbib.export import export_onnx  # noqa: E402
 from mbib.models import ensemble_logits  # noqa: E402
 from mbib.raylocal import free_port  # noqa: E402
-from mbib.serving import cuda_present  # noqa: E402
+from mbib.serving import ServeSettings, build_app, cuda_present, resize_for_model, to_model_input  # noqa: E402
 
 BODY_LIMIT = 200_000
 PIXEL_LIMIT = 1_000_000
@@ -39,12 +45,13 @@ def service(tmp_path_factory, ray_local):
     export_onnx(ckpt, tmp / "model.onnx", parity_npz=str(write_parity_npz(tmp / "parity.npz")))
     model, state = model_from_checkpoint(ckpt)
     port = free_port()
+    base = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(model_path=str(tmp / "model.onnx"), num_replicas=1, num_cpus=0.5, max_batch_size=8,
                              batch_wait_timeout_s=0.01, max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
     serve.run(build_app(settings), name="mbib", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield {"client": client, "model": model, "spec": state["data_spec"]}
+    with httpx.Client(base_url=base, timeout=60) as client:
+        yield {"client": client, "model": model, "spec": state["data_spec"], "base": base}
     serve.shutdown()  # the session's Ray stays up for the other test modules
 
 
@@ -187,3 +194,139 @@ def test_metadata_and_openapi(service):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/classify", "/classify/batch", "/healthz", "/metadata"} <= set(paths)
     assert "image/png" in paths["/classify"]["post"]["requestBody"]["content"]
+
+
+def _batch_files(service, files, top_k=10):
+    return service["client"].post("/classify/batch", params={"top_k": top_k},
+                                  files=[("files", (name, data, "application/octet-stream")) for name, data in files])
+
+
+def test_batch_answers_every_file_in_order_with_errors_for_bad_ones(service, test_pixels):
+    png = [_encode(img, "PNG") for img in test_pixels[:3]]
+    files = [("a.png", png[0]), ("text.txt", b"not an image"), ("b.png", png[1]), ("cut.png", png[2][: len(png[2]) // 2]),
+             ("empty.png", b""), ("c.png", png[2])]
+    response = _batch_files(service, files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == [name for name, _ in files]
+    assert [r.get("status") for r in results] == [None, 415, None, 400, 400, None]
+    assert all("\n" not in r["error"] and "predictions" not in r for r in results if "status" in r)
+    expected = _torch_probs(service, test_pixels[:3])
+    for result, probs in zip([results[0], results[2], results[5]], expected):
+        _assert_matches(result["predictions"], probs, 10)
+    response = _batch_files(service, [("x.txt", b"nope"), ("y.png", png[0][:30])])  # nothing decodable: 4xx as a whole
+    assert response.status_code == 415 and response.json()["error"].startswith("x.txt:") and "1 more" in response.json()["error"]
+    _healthy(service)
+
+
+def test_answers_do_not_depend_on_batching(service):
+    """Each image alone, then all at once from many clients (batched by @serve.batch): the same probabilities."""
+    pixels = digits(24, "test")[0].permute(0, 2, 3, 1).numpy()
+    bodies = [_encode(img, "PNG") for img in pixels]
+    client = service["client"]
+
+    def classify(body: bytes) -> list[float]:
+        response = client.post("/classify", params={"top_k": 10}, content=body)
+        assert response.status_code == 200, response.text
+        return [p["probability"] for p in sorted(response.json()["predictions"], key=lambda p: p["index"])]
+
+    alone = np.array([classify(b) for b in bodies])
+    with ThreadPoolExecutor(len(bodies)) as pool:  # twice over: each image meets different neighbours
+        together = np.array(list(pool.map(classify, bodies + bodies[::-1])))
+    assert np.abs(together[: len(bodies)] - alone).max() < 1e-5
+    assert np.abs(together[len(bodies):][::-1] - alone).max() < 1e-5
+    assert len({int(a.argmax()) for a in alone}) > 1  # distinct answers: a mixed-up batch could not pass
+
+
+def test_body_far_over_the_limit_gets_the_json_413_not_a_reset(service, test_pixels):
+    """urllib sends the whole 64 MiB without `Expect: 100-continue`: the server must read it, then answer 413."""
+    request = urllib.request.Request(service["base"] + "/classify", data=b"\0" * (64 << 20),
+                                     headers={"content-type": "image/png"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=300)
+    assert err.value.code == 413 and "limit" in json.loads(err.value.read())["error"]
+    _healthy(service)
+
+
+def test_unexpected_errors_answer_json_500():
+    """The app's own handlers on a route that fails unexpectedly: JSON, one line, never Starlette's plain text."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from mbib.serving import api
+
+    app = FastAPI(exception_handlers=api.exception_handlers)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("first line\nsecond line")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == "internal error (RuntimeError: first line second line): retry, or report it"
+
+
+@pytest.mark.parametrize("size,shape", [(224, (300, 180)), (224, (640, 481)), (224, (257, 1000)), (96, (50, 77))])
+def test_crop_path_is_torchvisions_evaluation_transform_pixel_for_pixel(size, shape):
+    from torchvision import transforms as T
+
+    pixels = np.random.default_rng(size + shape[0]).integers(0, 256, (*shape[::-1], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    expected = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(),
+                          T.Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])])(image).numpy()
+    got = to_model_input(image, size, np.array([0.5, 0.4, 0.3], np.float32), np.array([0.2, 0.25, 0.3], np.float32))
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-6
+
+
+def test_small_model_resize_matches_torch_antialiased_bilinear():
+    from torchvision.transforms.v2 import functional as TF
+
+    pixels = np.random.default_rng(1).integers(0, 256, (180, 300, 3), dtype=np.uint8)
+    got = np.asarray(resize_for_model(Image.fromarray(pixels), 32)).astype(int)
+    expected = TF.resize(torch.from_numpy(pixels).permute(2, 0, 1), [32, 32], antialias=True).permute(1, 2, 0).numpy()
+    assert np.abs(got - expected.astype(int)).max() <= 1  # PIL and torch round differently by at most one level
+
+
+def test_any_size_image_gets_pytorchs_answer_on_the_same_pixels(service, test_pixels):
+    big = np.asarray(Image.fromarray(test_pixels[2]).resize((300, 180)))
+    x = to_model_input(Image.fromarray(big), 32, np.asarray(service["spec"]["mean"], np.float32),
+                       np.asarray(service["spec"]["std"], np.float32))
+    with torch.no_grad():
+        expected = torch.softmax(ensemble_logits(service["model"](torch.from_numpy(x)[None])), dim=1)[0].numpy()
+    response = service["client"].post("/classify", params={"top_k": 10}, content=_encode(big, "PNG"))
+    assert response.status_code == 200, response.text
+    _assert_matches(response.json()["predictions"], expected, 10)
+
+
+def _not_an_mbib_model(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["probs"])], "plain",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 32, 32])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["B", 3, 32, 32])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), path)
+    return path
+
+
+@pytest.mark.parametrize("kind,expected", [("garbage", "is not a loadable ONNX model"),
+                                           ("plain onnx", "lacks mbib metadata"),
+                                           ("missing", "ONNX model not found")])
+def test_invalid_model_fails_the_build_in_one_line(tmp_path, kind, expected):
+    path = tmp_path / "model.onnx"
+    if kind == "garbage":
+        path.write_bytes(b"\x08\x07 this is not a protobuf" * 10)
+    elif kind == "plain onnx":
+        _not_an_mbib_model(path)
+    with pytest.raises(ConfigError) as err:  # raised while building: before Serve deploys any replica
+        build_app(ServeSettings(model_path=str(path)))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_serve_run_with_an_invalid_model_prints_one_line(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not onnx")
+    result = subprocess.run(["serve", "run", "serve.app:app", f"model_path={bad}"], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad} is not a loadable ONNX model")

@@ -89,20 +89,20 @@ def _tpe_proposals(seed, n):
     return [study.ask(fixed_distributions=dists).params for _ in range(n)]
 
 
+@pytest.mark.timeout(1500)  # two study drivers one after the other, 2-epoch trials
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
-    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", "1")
+    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", "2")
     proc = _driver(tmp_path, *args)
-    deadline = time.time() + 600
-    while time.time() < deadline:  # kill the driver once Tune has recorded a finished trial in its state
-        time.sleep(3)
-        if _finished_trial_dirs(tmp_path):
-            break
+    # kill once Tune has recorded one finished trial and the next one has reported (and checkpointed) an epoch
+    while proc.poll() is None and not _in_flight_trial_dirs(tmp_path):
+        time.sleep(0.5)
+    assert proc.poll() is None, "the study finished before it could be killed: " + (tmp_path / "driver.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = _finished_trial_dirs(tmp_path)
-    assert finished
+    finished, in_flight = _finished_trial_dirs(tmp_path), _in_flight_trial_dirs(tmp_path)
+    assert finished and in_flight
     lines_before = {d: (d / "result.json").read_text().count("\n") for d in finished}
     exp = client.get_experiment_by_name("t")
     ended = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
@@ -111,25 +111,47 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 2
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    for p in parents:  # one registered version per data set, even though its parent run was reused
+        name = p.data.tags["mbib.registered_model"]
+        assert p.data.tags["mbib.registered_version"] == "1"
+        assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     ids = [r.data.tags["mbib.trial_id"] for r in kids]
     assert len(ids) == len(set(ids)) == 4  # 2 trials per data set, no duplicate child runs
     for d, n in lines_before.items():  # finished trials were not rerun: no new results, same MLflow record
         assert (d / "result.json").read_text().count("\n") == n
     for tid, end in ended.items():
         assert next(r for r in kids if r.data.tags["mbib.trial_id"] == tid).info.end_time == end
+    for d in in_flight:  # the interrupted trial went on from its epoch-0 checkpoint: epoch 1 was not trained twice
+        done = [json.loads(line)["epochs_done"] for line in (d / "result.json").read_text().splitlines()]
+        assert done == [1, 2], done
+
+
+def _trial_states(tmp_path):
+    """(trial folder, status) of every trial in Tune's saved experiment states."""
+    out = []
+    for state in (tmp_path / "runs" / "t").glob("*/experiment_state-*.json"):
+        try:
+            data = json.loads(state.read_text())
+        except ValueError:  # caught mid-write: the next poll reads it whole
+            continue
+        for trial_json, _ in data.get("trial_data", []):
+            t = json.loads(trial_json)
+            out.extend((d, t.get("status")) for d in state.parent.glob(f"*{t['trial_id']}*") if d.is_dir())
+    return out
 
 
 def _finished_trial_dirs(tmp_path):
-    """Trial folders of trials that Tune's saved experiment state lists as TERMINATED."""
-    out = []
-    for state in (tmp_path / "runs" / "t").glob("*/experiment_state-*.json"):
-        data = json.loads(state.read_text())
-        for trial_json, _ in data.get("trial_data", []):
-            t = json.loads(trial_json)
-            if t.get("status") == "TERMINATED":
-                out.extend(state.parent.glob(f"*{t['trial_id']}*"))
-    return [d for d in out if d.is_dir()]
+    return [d for d, status in _trial_states(tmp_path) if status == "TERMINATED"]
+
+
+def _in_flight_trial_dirs(tmp_path):
+    """Running trials with a result on disk, once another trial has finished."""
+    states = _trial_states(tmp_path)
+    if not any(status == "TERMINATED" for _, status in states):
+        return []
+    return [d for d, status in states if status == "RUNNING" and (d / "result.json").is_file()
+            and (d / "result.json").read_text().strip()]
 
 
 CLUSTER_SCRIPT = r"""
@@ -162,6 +184,64 @@ def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
     assert line, res.stdout[-2000:] + res.stderr[-3000:]
     info = json.loads(line[6:])
     assert set(info["workers"]) == set(info["cluster"])  # one 1-CPU trial on each worker node
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("corrupt", "is corrupt (JSONDecodeError)"), ("foreign", "belongs to another study (cifar100-lt/100.0/resnet32/mbib"),
+    ("no state", "has no experiment_state"), ("fresh run over it", "already exists")])
+def test_resume_over_a_corrupt_or_foreign_state_is_one_line_and_touches_nothing(tmp_path, damage, expected):
+    from mbib.errors import ConfigError
+    from mbib.study import SMOKE_OVERRIDES, DatasetSpec, StudySpec, run_study
+
+    ds = DatasetSpec("digits-lt-if10", {"data.dataset": "digits-lt", "data.imbalance_factor": 10})
+    spec = StudySpec(name="t", preset="cifar100-lt", datasets=[ds], overrides=dict(SMOKE_OVERRIDES), num_samples=1,
+                     max_concurrent=1, storage_path=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    state = tmp_path / "runs" / "t" / ds.key
+    state.mkdir(parents=True)
+    (state / "tuner.pkl").write_bytes(b"\x80\x05 whatever Tune pickled")
+    trial = {"trial_id": "x", "status": "TERMINATED", "config": {"train": spec.base_config(ds).to_dict()}}
+    if damage == "foreign":  # another study's state under this name: CIFAR-100-LT trials
+        trial["config"]["train"]["data"].update(dataset="cifar100-lt", imbalance_factor=100.0)
+    if damage != "no state":
+        text = json.dumps({"trial_data": [[json.dumps(trial), "{}"]]})
+        (state / "experiment_state-2026.json").write_text(text[: len(text) // 2] if damage == "corrupt" else text)
+    before = {p: p.read_bytes() for p in state.iterdir()}
+    with pytest.raises(ConfigError) as err:
+        run_study(spec, resume=damage != "fresh run over it")
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert {p: p.read_bytes() for p in state.iterdir()} == before and not (tmp_path / "mlflow.db").exists()
+
+
+def test_free_port_stays_out_of_the_ephemeral_range_and_rays_worker_ports():
+    from mbib.raylocal import RAY_WORKER_PORTS, _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(RAY_WORKER_PORTS[1] < p < _ephemeral_low() for p in ports) and len(ports) > 1
+
+
+def test_dashboard_gets_ten_minutes_to_start_unless_the_environment_says(monkeypatch):
+    from ray._private import ray_constants
+
+    from mbib.raylocal import patient_dashboard_start
+
+    monkeypatch.delenv("RAY_DASHBOARD_STARTUP_TIMEOUT_S", raising=False)
+    monkeypatch.setattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 60)  # Ray's default: too short under load
+    patient_dashboard_start()
+    assert ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 600
+    monkeypatch.setattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 5)
+    monkeypatch.setenv("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "5")  # the user's own choice stands
+    patient_dashboard_start()
+    assert ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 5
+
+
+def test_ray_that_cannot_start_is_one_line(tmp_path):
+    """The reported failure itself: the dashboard not up in time ("Failed to start the dashboard")."""
+    script = ("from mbib.errors import TrainingError\nfrom mbib.raylocal import ensure_ray\n"
+              "try:\n    ensure_ray(dashboard=True)\nexcept TrainingError as exc:\n    print('ERROR', str(exc).replace(chr(10), '<NL>'))")
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(RAY_DASHBOARD_STARTUP_TIMEOUT_S="0"),
+                         capture_output=True, text=True, timeout=300)
+    error = next((ln for ln in res.stdout.splitlines() if ln.startswith("ERROR ")), "")
+    assert error.startswith("ERROR Ray could not start (") and "<NL>" not in error, res.stdout[-2000:] + res.stderr[-3000:]
 
 
 def test_cluster_yaml_validates_against_rays_schema():

@@ -1,5 +1,8 @@
 """CIFAR-10/100 from torchvision's on-disk layout, read with pickle (no torchvision needed to read).
 
+Pickle can run code, so the unpickler admits only the numpy globals an array needs; still, read trusted files
+only (a cifar100.npz beside them is preferred, see mbib.data.datasets).
+
 Layout: <root>/cifar-100-python/{train,test,meta} or <root>/cifar-10-batches-py/{data_batch_1..5,
 test_batch,batches.meta}; each batch is a pickled dict with b'data' uint8 [N,3072] (RGB planes, row major)
 and b'fine_labels' (CIFAR-100) or b'labels' (CIFAR-10).
@@ -98,14 +101,26 @@ def _read_batches(folder: Path, files: tuple[str, ...], layout: CifarLayout) -> 
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, bytes and numpy arrays; refuses every other global (what a hostile pickle calls)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR file")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
     except FileNotFoundError as err:
         raise DataError(f"{path} is missing: re-download the data set or provide an npz instead") from err
     except Exception as err:  # unpickling damaged bytes raises arbitrary types
-        raise DataError(f"cannot unpickle {path} ({type(err).__name__}): re-download the data set") from err
+        raise DataError(f"cannot unpickle {path} ({type(err).__name__}: {err}): re-download the data set") from err
     if not isinstance(obj, dict):
         raise DataError(f"{path} does not hold a pickled dict as torchvision's CIFAR files do: re-download it")
     return obj

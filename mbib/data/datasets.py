@@ -153,13 +153,15 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
 
 
 def cifar_source(layout: CifarLayout, root: Path | None) -> Path | None:
-    """What CIFAR is read from, in this order: torchvision's pickled folder, cifarN.npz, cifarN.zip (ImageFolder
-    JPEGs); None when none is there."""
+    """What CIFAR is read from, in this order: cifarN.npz (read with allow_pickle=False, so preferred),
+    torchvision's pickled folder, cifarN.zip (ImageFolder JPEGs); None when none is there."""
     where = root if root is not None else DEFAULT_CIFAR_ROOT.expanduser()
+    stem = f"cifar{layout.num_classes}"
+    if (where / f"{stem}.npz").is_file():
+        return where / f"{stem}.npz"
     if has_cifar(where, layout):
         return where / layout.folder
-    stem = f"cifar{layout.num_classes}"
-    return next((p for p in (where / f"{stem}.npz", where / f"{stem}.zip") if p.is_file()), None)
+    return where / f"{stem}.zip" if (where / f"{stem}.zip").is_file() else None
 
 
 def _load_cifar(layout: CifarLayout, root: Path | None, download: bool) -> RawData:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from mbib.checkpoint import check_compatible, describe, load_weights
 from mbib.train.engine import Engine
 
 # report(metrics, checkpoint state or None): an evaluated epoch comes with the state to checkpoint
@@ -30,11 +31,15 @@ class Progress:
     best_metrics: dict[str, Any] = field(default_factory=dict)  # the report of the best evaluation
 
 
-def restore(engine: Engine, state: dict[str, Any] | None) -> Progress:
-    """Load a checkpoint's state into the engine (None: a fresh run) and say where to continue."""
+def restore(engine: Engine, state: dict[str, Any] | None, where: str | None = None) -> Progress:
+    """Load a checkpoint's state into the engine (None: a fresh run) and say where to continue. A checkpoint
+    made for another model or data set is refused in one line naming both sides (`where`: its origin)."""
     if state is None:
         return Progress()
-    engine.load_state_dict(state)
+    where = where or "checkpoint"
+    dataset = engine.cfg.data.dataset
+    check_compatible(state, engine.spec, dataset, where)
+    load_weights(engine, state, state, f"a {engine.cfg.loss.method} run of {describe(engine.spec, dataset)}", where)
     return Progress(int(state["epoch"]) + 1, float(state.get("best_acc", -1.0)), float(state.get("elapsed_s", 0.0)),
                     dict(state.get("best_metrics", {})))
 

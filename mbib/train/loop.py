@@ -29,6 +29,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # one intra-op thread per CPU Ray gave this worker
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    if rank != world - 1:  # the NaN test hook fires on the last worker only: the others must stop through the
+        cfg.runtime.inject_nan_step = None  # all-reduced finiteness flag
     engine = Engine(cfg, load_data(cfg), device, rank=rank, world_size=world, wrap_model=_wrap_ddp(world))
 
     restored, state = ray.train.get_checkpoint(), None
@@ -37,7 +39,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
     elif cfg.runtime.resume_from:  # another machine's checkpoint of the same run
         state = load_checkpoint(cfg.runtime.resume_from, map_location=device)
-    progress = restore(engine, state)
+    where = f"of run {cfg.run_name!r}" if restored is not None else cfg.runtime.resume_from  # a reused run name
+    progress = restore(engine, state, where)  # resumes that run's checkpoint
     bar = _progress(rank, cfg, progress.start_epoch)
 
     def report(metrics: dict, state: dict | None) -> None:

@@ -39,7 +39,7 @@ def run_plain(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | N
     cfg.data.data_root = pinned_data_root(cfg.data.data_root)
     engine = Engine(cfg, load_data(cfg), device)
     start = checkpoint if checkpoint.is_file() else cfg.runtime.resume_from
-    progress = restore(engine, load_checkpoint(start, map_location=device) if start else None)
+    progress = restore(engine, load_checkpoint(start, map_location=device) if start else None, str(start))
     if start:
         log(f"continuing from {start} at epoch {progress.start_epoch}")
     last: dict[str, Any] = {}

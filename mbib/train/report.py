@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mbib.checkpoint import load_checkpoint
+from mbib.checkpoint import check_compatible, describe, load_checkpoint, load_weights
 from mbib.config import TrainConfig
 from mbib.train.engine import Engine, load_data
 
@@ -44,7 +44,8 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     if data_root is not None:
         cfg.data.data_root = data_root
     engine = Engine(cfg, load_data(cfg), dev)
-    engine.base.load_state_dict(state["model"])
+    check_compatible(state, engine.spec, cfg.data.dataset, path)  # e.g. the data root now holds other classes
+    load_weights(engine.base, state["model"], state, describe(engine.spec, cfg.data.dataset), path)
     result = engine.evaluate()
     return {"checkpoint": str(path), "dataset": cfg.data.dataset, "method": cfg.loss.method,
             "epoch": int(state.get("epoch", -1)) + 1, **result.metrics()}

@@ -20,6 +20,7 @@ from mbib.config import TrainConfig
 from mbib.data.datasets import pinned_data_root, pinned_dataset
 from mbib.errors import ConfigError, MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
+from mbib.storelock import LockPatientClient
 from mbib.train.engine import class_names, load_data
 from mbib.train.loop import train_loop_per_worker
 
@@ -39,13 +40,19 @@ class MLflowReportCallback(ray.train.UserCallback):
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
+        self.logged: set[int] = set()  # epochs already logged: a restarted worker group replays the epochs after
+        # its last checkpoint, and MLflow would keep both values of a step
 
     def after_report(self, run_context, metrics, checkpoint):
         from mlflow.tracking import MlflowClient
 
         m = metrics[0]
+        epoch = int(m.get("epoch", 0))
+        if epoch in self.logged:  # the replay recomputes the same values (resume is exact): keep the first
+            return
         try:
-            tracking.log_metrics(MlflowClient(self.uri), self.run_id, m, step=int(m.get("epoch", 0)))
+            tracking.log_metrics(LockPatientClient(MlflowClient(self.uri)), self.run_id, m, step=epoch)
+            self.logged.add(epoch)
         except Exception as exc:  # a tracking hiccup must never kill the training run
             logging.getLogger(__name__).warning("MLflow logging failed at epoch %s: %s", m.get("epoch"), exc)
 
@@ -136,7 +143,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         from mlflow.tracking import MlflowClient
 
         uri = tracking.tracking_uri(tracking_uri)
-        client = MlflowClient(uri)
+        client = LockPatientClient(MlflowClient(uri))  # a second writer on a SQLite store: wait, not die
         exp_id = tracking.get_or_create_experiment(client, cfg.experiment)
         tags = {"mlflow.runName": cfg.run_name}
         if parent_run_id:
@@ -154,7 +161,9 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         if isinstance(cause, MBIBError):
             raise cause from None
         detail = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
-        raise TrainingError(f"training failed: {type(cause).__name__}: {detail[:300]}") from exc
+        raise TrainingError(f"training failed: {type(cause).__name__}: {detail[:300]}; to resume from its last "
+                            f"checkpoint, rerun with --run-name {cfg.run_name} (same --storage-path), or let it "
+                            "restart itself with --max-failures N") from exc
     metrics = dict(result.metrics or {})
     best_ckpt, best_metrics = None, {}
     if result.best_checkpoints:
