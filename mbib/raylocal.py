@@ -33,3 +33,6 @@ def ensure_ray(dashboard: bool = False) -> None:
             kwargs.update(include_dashboard=True, dashboard_port=port)
     runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None
     ray.init(configure_logging=False, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+    from mbib.console import filter_worker_logs
+
+    filter_worker_logs()  # worker logs only with --verbose (progress bars always)

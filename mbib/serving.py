@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mbib.errors import ConfigError
+from mbib.serving_page import page_html
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 SMALL_MODEL_MAX = 64  # image sizes up to this are resized without a crop
@@ -345,6 +346,10 @@ class ClassifierDeployment:
         probs = await asyncio.gather(*(self._infer(x) for x in inputs))
         results = [{"filename": name, "predictions": self.model.top_k(p, top_k)} for (name, _), p in zip(files, probs)]
         return {"model": self.model.describe(), "results": results}
+
+    @api.get("/", response_class=HTMLResponse, summary="A page to try the classifier in a browser")
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(page_html())
 
     @api.get("/healthz", summary="Liveness: the replica holds a loaded model")
     async def healthz(self) -> dict[str, Any]:

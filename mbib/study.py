@@ -22,7 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
-from mbib import tracking
+from mbib import console, tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig, apply_overrides, preset
 from mbib.data.datasets import pinned_data_root
@@ -558,8 +558,9 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
             tune_config=tune.TuneConfig(search_alg=make_searcher(paper_point(base), epochs, spec.seed),
                                         scheduler=make_scheduler(spec, epochs), num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent),
-            run_config=tune.RunConfig(name=ds.key, storage_path=spec.root(), verbose=1,
-                                      callbacks=[MLflowTrialLogger(uri, experiment_id, parent_id, ds.key, epochs)]),
+            run_config=tune.RunConfig(name=ds.key, storage_path=spec.root(), verbose=console.tune_verbosity(),
+                                      callbacks=[MLflowTrialLogger(uri, experiment_id, parent_id, ds.key, epochs),
+                                                 *console.study_callbacks(ds.key, epochs, SEARCH_SPACE)]),
         )
     grid = tuner.fit()
     rows = collect_rows(grid, epochs)
@@ -583,17 +584,6 @@ def run_study(spec: StudySpec, resume: bool = False) -> list[DatasetOutcome]:
     experiment_id = tracking.get_or_create_experiment(client, spec.name)  # on the driver, before any trial
     ensure_ray(dashboard=True)
     return [run_dataset(spec, ds, client, experiment_id, uri, resume) for ds in spec.datasets]
-
-
-def print_outcomes(outcomes: list[DatasetOutcome], uri: str) -> None:
-    for o in outcomes:
-        b = o.best
-        stopped = sum(r.state == "PRUNED" for r in o.rows)
-        print(f"{o.key}: {len(o.rows)} trials ({stopped} stopped early by ASHA); "
-              + (f"best acc {b.acc:.2f} (trial {b.trial_id}, " + ", ".join(f"{k}={v:.3g}" for k, v in b.params.items())
-                 + f"); registered models:/{o.model_name}/{o.model_version}" if b else "no successful trial"))
-    print(f"MLflow store: {uri}")
-    print(f"open it with: {tracking.ui_command(uri)}")
 
 
 def outcome_json(outcomes: list[DatasetOutcome]) -> str:
@@ -645,6 +635,7 @@ def study_parser(prog: str, description: str):
     p.add_argument("--data-root", default=None, help="folder holding the data (default $MBIB_DATA_ROOT)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any training setting for every trial, e.g. --set optim.batch_size=256")
+    p.add_argument("--verbose", action="store_true", help="Ray's own status boxes and worker logs instead of the trial table")
     return p
 
 
@@ -652,10 +643,13 @@ def study_main(argv, *, prog: str, name: str, preset_name: str, datasets: list[D
                num_samples: int, max_concurrent: int, gpus_per_trial: float) -> int:
     """Parse the shared study flags, run the study, print where MLflow keeps it; errors as one line."""
     import sys
+    import time
 
     from mbib.errors import MBIBError
 
     args = study_parser(prog, f"Ray Tune + Optuna study of MBIB's loss settings ({name})").parse_args(argv)
+    console.set_verbose(args.verbose)
+    started = time.monotonic()
     overrides: dict[str, Any] = {}
     if args.smoke:
         datasets, preset_name, name = smoke_datasets(args.data_root), "cifar100-lt", f"{name}-smoke"
@@ -682,5 +676,6 @@ def study_main(argv, *, prog: str, name: str, preset_name: str, datasets: list[D
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_outcomes(outcomes, tracking.tracking_uri(spec.tracking_uri))
+    uri = tracking.tracking_uri(spec.tracking_uri)
+    console.print_study_summary(outcomes, uri, tracking.ui_command(uri), time.monotonic() - started)
     return 0

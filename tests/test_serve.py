@@ -187,3 +187,12 @@ def test_metadata_and_openapi(service):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/classify", "/classify/batch", "/healthz", "/metadata"} <= set(paths)
     assert "image/png" in paths["/classify"]["post"]["requestBody"]["content"]
+
+
+def test_root_page_is_self_contained_html_that_posts_to_classify(service):
+    response = service["client"].get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert 'type="file"' in page and 'id="drop"' in page  # the upload form and its drop zone
+    assert 'base + "classify?top_k="' in page and 'base + "metadata"' in page  # the JS calls this app's endpoints
+    assert "<script src" not in page and "<link" not in page and "http://" not in page and "https://" not in page
