@@ -56,10 +56,8 @@ def wait_for(what: str, check, timeout: float = 120.0, every: float = 0.25):
 class DevTools:
     """A minimal DevTools-protocol client for one page target (request/response by id; events ignored)."""
 
-    def __init__(self, ws_url: str):
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, max_size=64 * 1024 * 1024)
+    def __init__(self, ws):
+        self.ws = ws
         self.ids = itertools.count(1)
 
     def call(self, method: str, **params):
@@ -89,33 +87,39 @@ def page_target(port: int) -> str:
 
 
 def screenshot(page_url: str, image: Path, out: Path, chromium: str) -> list[dict]:
-    """Upload `image` on the page, wait for the bars, save a PNG; returns the rows the page drew."""
+    """Start Chromium and run `drive` on a fresh profile."""
+    from websockets.sync.client import connect
+
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="mbib-chromium-") as profile:
         proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                                  f"--remote-debugging-port={port}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            tab = DevTools(page_target(port))
-            tab.call("Page.enable")
-            tab.call("Page.navigate", url=page_url)
-            wait_for("the page and model metadata", lambda: tab.js(
-                "document.readyState === 'complete' && document.getElementById('model').textContent.startsWith('model ')"))
-            root = tab.call("DOM.getDocument")["root"]["nodeId"]
-            node = tab.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
-            tab.call("DOM.setFileInputFiles", nodeId=node, files=[str(image.resolve())])  # fires the input's change
-            wait_for("the probability bars", lambda: tab.js("document.body.dataset.done === '1'"))
-            time.sleep(0.5)  # the bars' width transition
-            rows = tab.js("[...document.querySelectorAll('#bars .row')].map(r => ({label: r.querySelector('.label')"
-                          ".textContent, percent: r.querySelector('.prob').textContent}))")
-            shot = tab.call("Page.captureScreenshot", format="png")["data"]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(base64.b64decode(shot))
-            tab.ws.close()
-            return rows
+            with connect(page_target(port), max_size=64 * 1024 * 1024) as ws:
+                return drive(DevTools(ws), page_url, image, out)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def drive(tab: DevTools, page_url: str, image: Path, out: Path) -> list[dict]:
+    """Upload `image` on the page, wait for the bars, save a PNG; returns the rows the page drew."""
+    tab.call("Page.enable")
+    tab.call("Page.navigate", url=page_url)
+    wait_for("the page and model metadata", lambda: tab.js(
+        "document.readyState === 'complete' && document.getElementById('model').textContent.startsWith('model ')"))
+    root = tab.call("DOM.getDocument")["root"]["nodeId"]
+    node = tab.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+    tab.call("DOM.setFileInputFiles", nodeId=node, files=[str(image.resolve())])  # fires the input's change
+    wait_for("the probability bars", lambda: tab.js("document.body.dataset.done === '1'"))
+    time.sleep(0.5)  # the bars' width transition
+    rows = tab.js("[...document.querySelectorAll('#bars .row')].map(r => ({label: r.querySelector('.label')"
+                  ".textContent, percent: r.querySelector('.prob').textContent}))")
+    shot = tab.call("Page.captureScreenshot", format="png")["data"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(base64.b64decode(shot))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,16 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     args = p.parse_args(argv)
 
-    import os
-
     import httpx
+    import mlflow
     import ray
     from ray import serve
 
     from mbib import tracking
     from mbib.serving import ServeSettings, build_app
 
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(args.tracking_uri))
+    mlflow.set_tracking_uri(tracking.tracking_uri(args.tracking_uri))  # where models:/ resolves; export logs nothing
     with tempfile.TemporaryDirectory(prefix="mbib-page-") as tmp:
         model = Path(tmp) / "model.onnx"
         export_onnx(args.checkpoint, model)

@@ -9,26 +9,36 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any
 
 from ray.tune import Callback
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 _state = {"verbose": False}
 GROUPS = ("many", "medium", "few")
-# (actor name part, line part): worker-log batches that are harmless and would otherwise print as tracebacks
+# (source part, line part): worker-log batches that are harmless; the source is the actor's name or "raylet"
 NOISE = (("PlacementGroupCleaner", "GCS"), ("PlacementGroupCleaner", "Traceback"),
-         ("PlacementGroupCleaner", "Exception in thread"))
+         ("PlacementGroupCleaner", "Exception in thread"), ("raylet", "worker processes have been started"))
 
 
 def set_verbose(verbose: bool) -> None:
     """Choose quiet or verbose output for this process (before Ray starts)."""
     _state["verbose"] = bool(verbose)
-    if not verbose:  # Ray's Python loggers: warnings that matter surface as our one-line errors instead
-        logging.getLogger("ray").setLevel(logging.ERROR)
+    if verbose:
+        return
+    # Tune's console output: the legacy reporter at verbose=0 prints nothing; the new one still prints its boxes
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
+    for name in ("ray", "mlflow"):  # warnings that matter surface as our one-line errors instead
+        logging.getLogger(name).setLevel(logging.ERROR if name == "ray" else logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
 
 
 def verbose() -> bool:
@@ -47,39 +57,40 @@ def fmt(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def shown_lines(actor: str, lines: list[str]) -> list[str]:
-    """The lines of one worker-log batch that reach the terminal: progress bars always, the rest only when verbose.
+def shown_lines(source: str, lines: list[str]) -> list[str]:
+    """The lines of one worker-log batch that reach the terminal: progress bars and the raylet's messages (out of
+    memory, ...) always, the rest only when verbose; known noise never.
 
     A noise batch is dropped whole: a traceback is several lines, only one of which names the cause.
     """
     from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
-    if not verbose():
-        return [line for line in lines if RAY_TQDM_MAGIC in line]
-    if any(a in actor and part in line for line in lines for a, part in NOISE):
+    if any(a in source and part in line for line in lines for a, part in NOISE):
         return []
-    return lines
+    if verbose() or source == "raylet":
+        return lines
+    return [line for line in lines if RAY_TQDM_MAGIC in line]
 
 
 def filter_worker_logs() -> None:
-    """Put shown_lines in front of Ray's driver-side log printer (call right after ray.init(log_to_driver=True)).
+    """Put shown_lines in front of Ray's driver-side log printer; call before ray.init, which binds the printer.
 
     Ray has no public hook for this; if its internals move, worker logs stay as Ray prints them.
     """
     from ray._private import worker as ray_worker
 
-    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
-    printer = getattr(dispatcher, "handlers", {}).get("ray_print_logs")
-    if printer is None:
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "mbib_filtered", False):
         return
 
-    def filtered(data: dict) -> None:
-        lines = shown_lines(str(data.get("actor_name") or data.get("task_name") or ""), data.get("lines", []))
+    def filtered(data: dict, *args, **kwargs) -> None:
+        source = str(data.get("actor_name") or data.get("task_name") or data.get("pid") or "")
+        lines = shown_lines(source, data.get("lines", []))
         if lines:
-            printer(dict(data, lines=lines))
+            printer(dict(data, lines=lines), *args, **kwargs)
 
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", filtered)
+    filtered.mbib_filtered = True
+    ray_worker.print_to_stdstream = filtered
 
 
 # ---------------------------------------------------------------- studies
@@ -97,25 +108,34 @@ class StudyConsole(Callback):
         self.key, self.max_epochs, self.params = dataset_key, max_epochs, params
         self.rows: dict[str, dict[str, Any]] = {}
         self.live: Live | None = None
+        self.console: Console | None = None
         self.start = time.monotonic()
 
-    def __getstate__(self):  # Tune pickles callbacks into its experiment state: the live display stays here
-        return {**self.__dict__, "live": None}
+    def __getstate__(self):  # Tune pickles callbacks into its experiment state: the display stays here
+        return {**self.__dict__, "live": None, "console": None}
 
     def _table(self) -> Table:
         minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
-        t = Table(title=f"{self.key}: {len(self.rows)} trials, {minutes}:{seconds:02d} elapsed", title_justify="left")
-        for col in ("trial", "state", "epoch", "acc", "best", *GROUPS, *self.params):
+        t = Table(title=f"{self.key}: {len(self.rows)} trials, {minutes}:{seconds:02d} elapsed", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))  # fits 80 columns
+        for col in ("trial", "state", "epoch", "acc", "/".join(GROUPS), *self.params):
             t.add_column(col, justify="left" if col in ("trial", "state") else "right")
         for tid, r in sorted(self.rows.items(), key=lambda kv: kv[1]["order"]):
             t.add_row(_trial_label(tid), r["state"], f"{r['epoch']}/{self.max_epochs}", fmt(r.get("acc")),
-                      fmt(r.get("best")), *(fmt(r.get(g)) for g in GROUPS),
-                      *(fmt(r["params"].get(p), 2) for p in self.params))
+                      "/".join(fmt(r.get(g), 0) for g in GROUPS), *(fmt(r["params"].get(p), 2) for p in self.params))
         return t
 
-    def _refresh(self) -> None:
+    def _refresh(self, finished=None) -> None:
+        """Redraw the table in a terminal; in a log file, a line per finished trial (the table comes at the end)."""
+        self.console = self.console or Console()
+        if not self.console.is_terminal:
+            if finished is not None:
+                r = self.rows[finished.trial_id]
+                print(f"{self.key} trial {_trial_label(finished.trial_id)}: {r['state']} at epoch "
+                      f"{r['epoch']}/{self.max_epochs}, acc {fmt(r.get('acc'))}", flush=True)
+            return
         if self.live is None:
-            self.live = Live(self._table(), console=Console(), auto_refresh=False)
+            self.live = Live(self._table(), console=self.console, auto_refresh=False)
             self.live.start()
         self.live.update(self._table(), refresh=True)
 
@@ -132,23 +152,24 @@ class StudyConsole(Callback):
         row["epoch"] = int(result.get("epochs_done", row["epoch"]))
         if "acc" in result:
             row.update({k: result.get(k) for k in ("acc", *GROUPS)})
-            row["best"] = max(row.get("best") or -1.0, float(result["acc"]))
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        row["state"] = "done" if row["epoch"] >= self.max_epochs else "stopped (ASHA)"
-        self._refresh()
+        row["state"] = "done" if row["epoch"] >= self.max_epochs else "ASHA stop"
+        self._refresh(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._row(trial)["state"] = "failed"
-        self._refresh()
+        self._refresh(trial)
 
     def on_experiment_end(self, trials, **info):
-        if self.live is not None:
-            self.live.update(self._table(), refresh=True)
-            self.live.stop()
-            self.live = None
+        if self.live is None:
+            (self.console or Console()).print(self._table())
+            return
+        self.live.update(self._table(), refresh=True)
+        self.live.stop()
+        self.live = None
 
 
 def study_callbacks(dataset_key: str, max_epochs: int, params) -> list:
@@ -158,18 +179,17 @@ def study_callbacks(dataset_key: str, max_epochs: int, params) -> list:
 
 def print_study_summary(outcomes: list, uri: str, ui_command: str, seconds: float | None = None) -> None:
     """Per data set: trials run, the best full-budget trial's accuracy (overall and per shot group), its model."""
-    console = Console()
-    t = Table(title="study summary" + (f" ({seconds / 60:.1f} min)" if seconds is not None else ""), title_justify="left")
-    for col in ("data set", "trials", "stopped early", "best acc", *GROUPS, "best trial's settings", "registered model"):
-        t.add_column(col, justify="right" if col in ("trials", "stopped early", "best acc", *GROUPS) else "left")
     for o in outcomes:
-        b = o.best
-        stopped = str(sum(r.state == "PRUNED" for r in o.rows))
+        b, stopped = o.best, sum(r.state == "PRUNED" for r in o.rows)
+        print(f"{o.key}: {len(o.rows)} trials, {stopped} stopped early by ASHA")
         if b is None:
-            t.add_row(o.key, str(len(o.rows)), stopped, "n/a", "n/a", "n/a", "n/a", "no successful trial", "")
+            print("  no successful trial")
             continue
-        t.add_row(o.key, str(len(o.rows)), stopped, fmt(b.acc), *(fmt(b.metrics.get(g)) for g in GROUPS),
-                  " ".join(f"{k}={v:.2g}" for k, v in b.params.items()), f"models:/{o.model_name}/{o.model_version}")
-    console.print(t)
-    console.print(f"MLflow store: {uri}")
-    console.print(f"open it with: [bold]{ui_command}[/bold]", soft_wrap=True)
+        groups = ", ".join(f"{g} {fmt(b.metrics.get(g))}" for g in GROUPS)
+        print(f"  best: trial {b.number + 1}, accuracy {fmt(b.acc)}% ({groups}) after {b.epochs_done} epochs")
+        print("  settings: " + " ".join(f"{k}={v:.2g}" for k, v in b.params.items())
+              + f"; registered as models:/{o.model_name}/{o.model_version}")
+    if seconds is not None:
+        print(f"study took {seconds / 60:.1f} min")
+    print(f"MLflow store: {uri}")
+    print(f"open it with: {ui_command}")
