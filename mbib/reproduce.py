@@ -619,8 +619,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--posterior", action="store_true", help="Appendix D: mean positive posterior PNG at IF 100")
     p.add_argument("--beta-ablation", action="store_true", help="Figure 3: BIB and MBIB with beta 0..5 at IF 100")
     p.add_argument("--taps-ablation", action="store_true", help="Table 4: MBIB with 2..6 observations at IF 100")
+    p.add_argument("--verbose", action="store_true", help="show Ray's worker logs, not only the progress bar")
     args = p.parse_args(argv)
+    from mbib.console import set_verbose
     from mbib.gml import register_gml_methods
+
+    set_verbose(args.verbose)
     from mbib.losses import METHODS
 
     register_gml_methods()
@@ -676,6 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_report(plan, state, report)
         log_report(state, report, uri)
         summary(plan, state, report)
+        print(f"open MLflow with: {tracking.ui_command(uri)}")
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -418,8 +418,8 @@ def plot_ab_heatmap(rows: list[TrialRow], path: Path, title: str, bins: int = 5)
     fig.colorbar(im, ax=ax, label="mean test accuracy (%)")
     for r in rows:
         if _finite(r.acc):
-            ax.scatter(r.params["a"], r.params["b"], marker="o" if r.state == "COMPLETE" else "x", color="w",
-                       edgecolors="k")
+            full = r.state == "COMPLETE"  # an "x" has no edge: matplotlib warns when given one
+            ax.scatter(r.params["a"], r.params["b"], marker="o" if full else "x", color="w", edgecolors="k" if full else None)
     ax.set(xlabel="a", ylabel="b", title=title)
     return _save(fig, plt, path)
 
