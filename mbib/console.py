@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -36,6 +37,8 @@ def set_verbose(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
     for name in ("ray", "mlflow"):  # warnings that matter surface as our one-line errors instead
         logging.getLogger(name).setLevel(logging.ERROR if name == "ray" else logging.WARNING)
+    # a failed trial's traceback: StudyConsole prints one line and where the whole trace is
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
@@ -48,6 +51,15 @@ def verbose() -> bool:
 def tune_verbosity() -> int:
     """RunConfig(verbose=...): Tune's own status boxes only in verbose mode."""
     return 2 if verbose() else 0
+
+
+def error_line(text: str) -> str:
+    """One line out of a trial's error trace: the out-of-memory kill, else the last `SomethingError: ...` line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any("low on memory" in line for line in lines):
+        return "out of memory: Ray killed the trial's worker (run fewer trials at once: --max-concurrent)"
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
+    return (errors or lines or ["unknown error"])[-1][:300]
 
 
 def fmt(value: Any, digits: int = 1) -> str:
@@ -95,12 +107,6 @@ def filter_worker_logs() -> None:
 
 # ---------------------------------------------------------------- studies
 
-def _trial_label(trial_id: str) -> str:
-    """Tune's trial ids end in _00003: show 'trial 4'."""
-    tail = trial_id.rsplit("_", 1)[-1]
-    return f"{int(tail) + 1}" if tail.isdigit() else trial_id
-
-
 class StudyConsole(Callback):
     """A Tune callback (driver side): one live row per trial of a data set, left on screen when it ends."""
 
@@ -117,12 +123,12 @@ class StudyConsole(Callback):
     def _table(self) -> Table:
         minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
         t = Table(title=f"{self.key}: {len(self.rows)} trials, {minutes}:{seconds:02d} elapsed", title_justify="left",
-                  box=box.SIMPLE_HEAD, padding=(0, 1))  # fits 80 columns
-        for col in ("trial", "state", "epoch", "acc", "/".join(GROUPS), *self.params):
-            t.add_column(col, justify="left" if col in ("trial", "state") else "right")
-        for tid, r in sorted(self.rows.items(), key=lambda kv: kv[1]["order"]):
-            t.add_row(_trial_label(tid), r["state"], f"{r['epoch']}/{self.max_epochs}", fmt(r.get("acc")),
-                      "/".join(fmt(r.get(g), 0) for g in GROUPS), *(fmt(r["params"].get(p), 2) for p in self.params))
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False, collapse_padding=True)  # 80 columns
+        for col in ("trial", "state", "epoch", "acc", "many", "med", "few", *self.params):
+            t.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
+        for r in sorted(self.rows.values(), key=lambda r: r["order"]):  # Tune numbers trials 1, 2, ... as created
+            t.add_row(str(r["order"] + 1), r["state"], f"{r['epoch']}/{self.max_epochs}", fmt(r.get("acc")),
+                      *(fmt(r.get(g), 0) for g in GROUPS), *(fmt(r["params"].get(p), 2) for p in self.params))
         return t
 
     def _refresh(self, finished=None) -> None:
@@ -131,8 +137,8 @@ class StudyConsole(Callback):
         if not self.console.is_terminal:
             if finished is not None:
                 r = self.rows[finished.trial_id]
-                print(f"{self.key} trial {_trial_label(finished.trial_id)}: {r['state']} at epoch "
-                      f"{r['epoch']}/{self.max_epochs}, acc {fmt(r.get('acc'))}", flush=True)
+                self._say(f"{self.key} trial {r['order'] + 1}: {r['state']} at epoch {r['epoch']}/{self.max_epochs}, "
+                          f"acc {fmt(r.get('acc'))}")
             return
         if self.live is None:
             self.live = Live(self._table(), console=self.console, auto_refresh=False)
@@ -156,12 +162,20 @@ class StudyConsole(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        row["state"] = "done" if row["epoch"] >= self.max_epochs else "ASHA stop"
+        row["state"] = "done" if row["epoch"] >= self.max_epochs else "stopped"
         self._refresh(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._row(trial)["state"] = "failed"
-        self._refresh(trial)
+        row = self._row(trial)
+        row["state"] = "failed"
+        self._refresh()
+        self._say(f"{self.key} trial {row['order'] + 1} failed: {error_line(str(trial.get_error() or ''))}"
+                  + (f" (trace: {trial.error_file})" if trial.error_file else ""))
+
+    def _say(self, line: str) -> None:
+        """A line above the live table (or in the log)."""
+        (self.live.console if self.live is not None else self.console or Console()).print(line, soft_wrap=True,
+                                                                                           highlight=False)
 
     def on_experiment_end(self, trials, **info):
         if self.live is None:
@@ -186,7 +200,7 @@ def print_study_summary(outcomes: list, uri: str, ui_command: str, seconds: floa
             print("  no successful trial")
             continue
         groups = ", ".join(f"{g} {fmt(b.metrics.get(g))}" for g in GROUPS)
-        print(f"  best: trial {b.number + 1}, accuracy {fmt(b.acc)}% ({groups}) after {b.epochs_done} epochs")
+        print(f"  best: trial {b.number}, accuracy {fmt(b.acc)}% ({groups}) after {b.epochs_done} epochs")
         print("  settings: " + " ".join(f"{k}={v:.2g}" for k, v in b.params.items())
               + f"; registered as models:/{o.model_name}/{o.model_version}")
     if seconds is not None:
