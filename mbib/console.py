@@ -126,8 +126,8 @@ class StudyConsole(Callback):
                   box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False, collapse_padding=True)  # 80 columns
         for col in ("trial", "state", "epoch", "acc", "many", "med", "few", *self.params):
             t.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
-        for r in sorted(self.rows.values(), key=lambda r: r["order"]):  # Tune numbers trials 1, 2, ... as created
-            t.add_row(str(r["order"] + 1), r["state"], f"{r['epoch']}/{self.max_epochs}", fmt(r.get("acc")),
+        for r in sorted(self.rows.values(), key=lambda r: r["number"]):
+            t.add_row(str(r["number"]), r["state"], f"{r['epoch']}/{self.max_epochs}", fmt(r.get("acc")),
                       *(fmt(r.get(g), 0) for g in GROUPS), *(fmt(r["params"].get(p), 2) for p in self.params))
         return t
 
@@ -137,7 +137,7 @@ class StudyConsole(Callback):
         if not self.console.is_terminal:
             if finished is not None:
                 r = self.rows[finished.trial_id]
-                self._say(f"{self.key} trial {r['order'] + 1}: {r['state']} at epoch {r['epoch']}/{self.max_epochs}, "
+                self._say(f"{self.key} trial {r['number']}: {r['state']} at epoch {r['epoch']}/{self.max_epochs}, "
                           f"acc {fmt(r.get('acc'))}")
             return
         if self.live is None:
@@ -146,8 +146,14 @@ class StudyConsole(Callback):
         self.live.update(self._table(), refresh=True)
 
     def _row(self, trial) -> dict[str, Any]:
-        return self.rows.setdefault(trial.trial_id, {"order": len(self.rows), "state": "pending", "epoch": 0,
-                                                     "params": {p: trial.config.get(p) for p in self.params}})
+        if trial.trial_id not in self.rows:
+            from mbib.study import _trial_number  # the number in the trial's folder name, as the summary shows it
+
+            path = getattr(trial, "path", None)
+            number = (_trial_number(trial.trial_id, path) if path else 0) or len(self.rows) + 1
+            self.rows[trial.trial_id] = {"number": number, "state": "pending", "epoch": 0,
+                                         "params": {p: trial.config.get(p) for p in self.params}}
+        return self.rows[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._row(trial)["state"] = "running"
@@ -169,7 +175,7 @@ class StudyConsole(Callback):
         row = self._row(trial)
         row["state"] = "failed"
         self._refresh()
-        self._say(f"{self.key} trial {row['order'] + 1} failed: {error_line(str(trial.get_error() or ''))}"
+        self._say(f"{self.key} trial {row['number']} failed: {error_line(str(trial.get_error() or ''))}"
                   + (f" (trace: {trial.error_file})" if trial.error_file else ""))
 
     def _say(self, line: str) -> None:
