@@ -52,6 +52,7 @@ def _train_parser(sub) -> None:
                    help="any other setting, e.g. --set optim.weight_decay=5e-4")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--verbose", action="store_true", help="show Ray's worker logs, not only the progress bar")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -83,6 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mbib.train.runner import run_training
     from mbib.train.report import print_summary
 
+    from mbib.console import set_verbose
+
+    set_verbose(args.verbose)
     cfg = config_from_args(args)
     outcome = run_training(cfg, track=not args.no_track, tracking_uri=args.tracking_uri)
     print_summary(cfg, outcome)

@@ -72,6 +72,9 @@ def ensure_ray(dashboard: bool = False) -> None:
             api = api or f"http://127.0.0.1:{port}"
             kwargs.update(include_dashboard=True, dashboard_port=port)
     runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None
+    from mbib.console import filter_worker_logs
+
+    filter_worker_logs()  # worker logs only with --verbose (progress bars always)
     try:
         ray.init(configure_logging=False, log_to_driver=True, runtime_env=runtime_env, **kwargs)
     except Exception as exc:  # Ray raises bare Exceptions (with log excerpts) when a component fails to start

@@ -710,8 +710,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
                         "or MLflow (machines without Ray; all CPU to training)")
     p.add_argument("--appendix-j", action="store_true",
                    help="MBIB at IF 100 with loss.vsd_warmup_epochs=0 (Appendix J exactly, no VSD warm-up)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's worker logs, not only the progress bar")
     args = p.parse_args(argv)
+    from mbib.console import set_verbose
     from mbib.gml import register_gml_methods
+
+    set_verbose(args.verbose)
     from mbib.losses import METHODS
 
     register_gml_methods()
@@ -768,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if uri:
             log_report(state, report, uri)
         summary(plan, state, report)
+        print(f"open MLflow with: {tracking.ui_command(uri)}")
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, ImageOps, UnidentifiedImageError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mbib.errors import ConfigError
+from mbib.serving_page import page_html
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 SMALL_MODEL_MAX = 64  # image sizes up to this are resized without a crop
@@ -390,6 +391,10 @@ class ClassifierDeployment:
             raise ImageError(first["status"], f"{first['filename']}: {first['error']}"
                              + (f" (and {len(results) - 1} more file(s) failed)" if len(results) > 1 else ""))
         return {"model": self.model.describe(), "results": results}
+
+    @api.get("/", response_class=HTMLResponse, summary="A page to try the classifier in a browser")
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(page_html())
 
     @api.get("/healthz", summary="Liveness: the replica holds a loaded model")
     async def healthz(self) -> dict[str, Any]:

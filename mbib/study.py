@@ -22,7 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
-from mbib import tracking
+from mbib import console, tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig, apply_overrides, preset
 from mbib.data.datasets import pinned_data_root
@@ -419,8 +419,8 @@ def plot_ab_heatmap(rows: list[TrialRow], path: Path, title: str, bins: int = 5)
     fig.colorbar(im, ax=ax, label="mean test accuracy (%)")
     for r in rows:
         if _finite(r.acc):
-            ax.scatter(r.params["a"], r.params["b"], marker="o" if r.state == "COMPLETE" else "x", color="w",
-                       edgecolors="k")
+            full = r.state == "COMPLETE"  # an "x" has no edge: matplotlib warns when given one
+            ax.scatter(r.params["a"], r.params["b"], marker="o" if full else "x", color="w", edgecolors="k" if full else None)
     ax.set(xlabel="a", ylabel="b", title=title)
     return _save(fig, plt, path)
 
@@ -568,8 +568,9 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
             tune_config=tune.TuneConfig(search_alg=make_searcher(paper_point(base), epochs, spec.seed),
                                         scheduler=make_scheduler(spec, epochs), num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent),
-            run_config=tune.RunConfig(name=ds.key, storage_path=spec.root(), verbose=1,
-                                      callbacks=[MLflowTrialLogger(uri, experiment_id, parent_id, ds.key, epochs)]),
+            run_config=tune.RunConfig(name=ds.key, storage_path=spec.root(), verbose=console.tune_verbosity(),
+                                      callbacks=[MLflowTrialLogger(uri, experiment_id, parent_id, ds.key, epochs),
+                                                 *console.study_callbacks(ds.key, epochs, SEARCH_SPACE)]),
         )
     grid = tuner.fit()
     rows = collect_rows(grid, epochs)
@@ -630,17 +631,6 @@ def run_study(spec: StudySpec, resume: bool = False) -> list[DatasetOutcome]:
     return [run_dataset(spec, ds, client, experiment_id, uri, resume) for ds in spec.datasets]
 
 
-def print_outcomes(outcomes: list[DatasetOutcome], uri: str) -> None:
-    for o in outcomes:
-        b = o.best
-        stopped = sum(r.state == "PRUNED" for r in o.rows)
-        print(f"{o.key}: {len(o.rows)} trials ({stopped} stopped early by ASHA); "
-              + (f"best acc {b.acc:.2f} (trial {b.trial_id}, " + ", ".join(f"{k}={v:.3g}" for k, v in b.params.items())
-                 + f"); registered models:/{o.model_name}/{o.model_version}" if b else "no successful trial"))
-    print(f"MLflow store: {uri}")
-    print(f"open it with: {tracking.ui_command(uri)}")
-
-
 def outcome_json(outcomes: list[DatasetOutcome]) -> str:
     return json.dumps([{"key": o.key, "parent_run_id": o.parent_run_id, "model": o.model_name,
                         "version": o.model_version, "trials": [r.__dict__ for r in o.rows]} for o in outcomes])
@@ -648,26 +638,29 @@ def outcome_json(outcomes: list[DatasetOutcome]) -> str:
 
 # ---------------------------------------------------------------- command line shared by studies/*.py
 
-SMOKE_OVERRIDES = {"data.limit_train": 96, "data.limit_test": 100, "optim.epochs": 2, "optim.batch_size": 32,
-                   "optim.warmup_epochs": 0, "optim.milestones": "", "optim.milestone_factors": "",
+# enough steps to learn digits in minutes on a laptop CPU (~600 images x 15 epochs at batch 16); the 2-epoch warm-up
+# also ramps beta (loss.vsd_warmup_epochs follows it), without which VSD collapses z on a schedule this short
+SMOKE_OVERRIDES = {"optim.epochs": 15, "optim.batch_size": 16, "optim.lr": 0.05, "optim.warmup_epochs": 2,
+                   "optim.schedule": "cosine", "optim.milestones": "", "optim.milestone_factors": "",
                    "runtime.eval_every": 1, "runtime.cpus_per_worker": 1, "runtime.use_gpu": False}
+SMOKE_GRACE_EPOCHS = 5  # ASHA's first rung: digits accuracy says little before the warm-up ends
+SMOKE_SUBSET = {"data.limit_train": 600, "data.limit_test": 1000}  # MNIST-LT and CIFAR: digits-lt's size
 
 
 def smoke_datasets(data_root: str | None = None) -> list[DatasetSpec]:
-    """Two offline data sets: tiny CIFAR-100-LT when present, else MNIST-LT (bundled npz) and sklearn digits."""
+    """Offline data: subsets of CIFAR-100-LT when present, else MNIST-LT (when its npz is present) and sklearn digits."""
     from mbib.data.cifar import CIFAR100, has_cifar
 
     root = data_root or os.environ.get("MBIB_DATA_ROOT")
     if root and has_cifar(Path(root), CIFAR100):
         return [DatasetSpec(f"cifar100-lt-if{f}", {"data.dataset": "cifar100-lt", "data.imbalance_factor": f,
-                                                  "data.data_root": root}) for f in (100, 10)]
+                                                  "data.data_root": root, **SMOKE_SUBSET}) for f in (100, 10)]
     out = []
     if root and (Path(root) / "mnist10k.npz").is_file():
         out.append(DatasetSpec("mnist-lt-if10", {"data.dataset": "mnist-lt", "data.imbalance_factor": 10,
-                                                 "data.data_root": str(Path(root).resolve())}))
+                                                 "data.data_root": str(Path(root).resolve()), **SMOKE_SUBSET}))
+    # all of it (585 images at IF 10): every shot group of the paper's (>100, 20-100, <20 images) holds classes
     out.append(DatasetSpec("digits-lt-if10", {"data.dataset": "digits-lt", "data.imbalance_factor": 10}))
-    if len(out) == 1:
-        out.append(DatasetSpec("digits-lt-if50", {"data.dataset": "digits-lt", "data.imbalance_factor": 50}))
     return out
 
 
@@ -690,6 +683,7 @@ def study_parser(prog: str, description: str):
     p.add_argument("--data-root", default=None, help="folder holding the data (default $MBIB_DATA_ROOT)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any training setting for every trial, e.g. --set optim.batch_size=256")
+    p.add_argument("--verbose", action="store_true", help="Ray's own status boxes and worker logs instead of the trial table")
     return p
 
 
@@ -697,19 +691,25 @@ def study_main(argv, *, prog: str, name: str, preset_name: str, datasets: list[D
                num_samples: int, max_concurrent: int, gpus_per_trial: float) -> int:
     """Parse the shared study flags, run the study, print where MLflow keeps it; errors as one line."""
     import sys
+    import time
 
     from mbib.errors import MBIBError
 
     args = study_parser(prog, f"Ray Tune + Optuna study of MBIB's loss settings ({name})").parse_args(argv)
+    console.set_verbose(args.verbose)
+    started = time.monotonic()
     overrides: dict[str, Any] = {}
     if args.smoke:
         datasets, preset_name, name = smoke_datasets(args.data_root), "cifar100-lt", f"{name}-smoke"
         overrides.update(SMOKE_OVERRIDES)
-        num_samples, max_concurrent, gpus_per_trial = 3, 2, 0.0
+        num_samples, max_concurrent, gpus_per_trial = 4, 2, 0.0
+        args.grace_period = args.grace_period or SMOKE_GRACE_EPOCHS
     elif args.data_root:
         overrides["data.data_root"] = args.data_root
     if args.epochs is not None:
         overrides["optim.epochs"] = args.epochs
+        if args.smoke:  # keep the smoke schedule's shape: warm-up (and beta's ramp) a sixth of the run
+            overrides["optim.warmup_epochs"] = args.epochs * SMOKE_OVERRIDES["optim.warmup_epochs"] / SMOKE_OVERRIDES["optim.epochs"]
     for item in args.overrides:
         k, sep, v = item.partition("=")
         if not sep:
@@ -727,5 +727,6 @@ def study_main(argv, *, prog: str, name: str, preset_name: str, datasets: list[D
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_outcomes(outcomes, tracking.tracking_uri(spec.tracking_uri))
+    uri = tracking.tracking_uri(spec.tracking_uri)
+    console.print_study_summary(outcomes, uri, tracking.ui_command(uri), time.monotonic() - started)
     return 0

@@ -330,3 +330,12 @@ def test_serve_run_with_an_invalid_model_prints_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad} is not a loadable ONNX model")
+
+
+def test_root_page_is_self_contained_html_that_posts_to_classify(service):
+    response = service["client"].get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert 'type="file"' in page and 'id="drop"' in page  # the upload form and its drop zone
+    assert 'base + "classify?top_k="' in page and 'base + "metadata"' in page  # the JS calls this app's endpoints
+    assert "<script src" not in page and "<link" not in page and "http://" not in page and "https://" not in page

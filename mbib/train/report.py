@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from mbib.checkpoint import check_compatible, describe, load_checkpoint, load_weights
+from mbib.console import fmt
 from mbib.config import TrainConfig
+from mbib.tracking import ui_command
 from mbib.train.engine import Engine, load_data
 
 
@@ -19,7 +21,7 @@ def _table(title: str, rows: dict[str, Any]) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in rows.items():
-        t.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
+        t.add_row(k, fmt(v, 2) if isinstance(v, float) else str(v))  # "n/a" for an empty shot group
     return t
 
 
@@ -31,9 +33,10 @@ def print_summary(cfg: TrainConfig, outcome) -> None:
     rows["best checkpoint"] = str(outcome.best_checkpoint)
     if outcome.mlflow_run_id:
         rows["mlflow run"] = outcome.mlflow_run_id
-        rows["mlflow ui"] = f"mlflow ui --backend-store-uri {outcome.tracking_uri}"
     imbalance = "as stored" if cfg.data.imbalance_factor is None else f"IF {cfg.data.imbalance_factor:g}"
     Console().print(_table(f"{cfg.loss.method} on {cfg.data.dataset} ({imbalance}), {cfg.optim.epochs} epochs", rows))
+    if outcome.mlflow_run_id:  # on its own line, whole, to copy
+        print(f"open MLflow with: {ui_command(outcome.tracking_uri)}")
 
 
 def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str | None = None) -> dict[str, Any]:
