@@ -82,11 +82,11 @@ def main(uri: str, experiment: str, out: str) -> None:
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    b = Browser(1500, 820)
+    b = Browser(1500, 900)
     try:
         b.open(f"{uri}/#/experiments/{exp.experiment_id}/runs", parent.info.run_name)
         b.click_all('[aria-label="Close"], button[aria-label*="lose assistant"]')  # the assistant side panel
-        b.click_all('button[aria-label="Expand"], [data-testid="runs-table-expander"] button')  # nested trials
+        b.click_all('button[data-component-id*="runnamecellrenderer"]')  # expand the parents: nested trials
         time.sleep(2)
         b.shot(out_dir / "mlflow-runs.png")
         b.open(f"{uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/plots/beta_curve.png",
