@@ -78,6 +78,8 @@ say "sshd on 127.0.0.1:$SSH_PORT in its own PID namespace; node home $NODE_HOME"
 
 # 2. the cluster file, pointed at this machine with fresh ports
 GCS_PORT=$(free_port) DASH_PORT=$(free_port) CLIENT_PORT=$(free_port) AGENT_PORT=$(free_port) MLFLOW_PORT=$(free_port)
+# fixed agent ports: with dynamic ones the raylet waits only seconds for the agents' port files (too short on a busy machine)
+AGENT_PORTS="--dashboard-agent-grpc-port=$(free_port) --metrics-export-port=$(free_port) --runtime-env-agent-port=$(free_port)"
 "$PY" - "$REPO/cluster-onprem.yaml" "$WORK/cluster.yaml" <<EOF
 import sys, yaml
 c = yaml.safe_load(open(sys.argv[1]))
@@ -89,7 +91,7 @@ c["file_mounts"] = {"~/mbib": "$REPO"}
 # everyone's editable mbib, so the node only proves it can import them (the job ships this checkout)
 c["setup_commands"] = ['python -c "import ray, mlflow, optuna, torch, mbib"']
 ports = {"--port=6379": "--port=$GCS_PORT", "--dashboard-port=8265": "--node-ip-address=127.0.0.1 --dashboard-port=$DASH_PORT --ray-client-server-port=$CLIENT_PORT "
-         "--dashboard-agent-listen-port=$AGENT_PORT --temp-dir=$NODE_HOME/ray --num-cpus=2", "--port 5000": "--port $MLFLOW_PORT --workers 1"}
+         "--dashboard-agent-listen-port=$AGENT_PORT $AGENT_PORTS --temp-dir=$NODE_HOME/ray --num-cpus=2", "--port 5000": "--port $MLFLOW_PORT --workers 1"}
 def fix(cmd):
     for a, b in ports.items():
         cmd = cmd.replace(a, b)
@@ -109,7 +111,11 @@ SENTINEL_RAYLET=$(ps -eo pid=,args= | grep -F -- "$WORK/sentinel" | awk '$2 ~ /r
 # 3. ray up
 say "ray up (GCS :$GCS_PORT, dashboard :$DASH_PORT, MLflow :$MLFLOW_PORT)"
 cd "$REPO"
-timeout 900 ray up -y --no-config-cache "$WORK/cluster.yaml" > "$WORK/ray-up.log" 2>&1 || { tail -40 "$WORK/ray-up.log"; exit 1; }
+for try in 1 2 3; do  # on a very busy machine the raylet can time out waiting for its agents: start again
+  timeout 900 ray up -y --no-config-cache "$WORK/cluster.yaml" > "$WORK/ray-up.log" 2>&1 && break
+  [[ $try == 3 ]] && { tail -40 "$WORK/ray-up.log"; exit 1; }
+  say "ray up failed ($(grep -m1 -o 'The current node timed out during startup\|Failed to setup head node' "$WORK/ray-up.log" || echo see ray-up.log)); again"
+done
 grep -E "Ray runtime started|Local node IP|Useful commands" "$WORK/ray-up.log" | head -3 | sed 's/^/  /'
 export RAY_AUTH_TOKEN
 RAY_AUTH_TOKEN=$(cat "$NODE_HOME/.ray/auth_token" 2>/dev/null || true)
