@@ -12,9 +12,9 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/mbib-onprem.XXXXXX)
 NODE_HOME=$WORK/home
-PY=$(command -v python)
+PY=$(python -c 'import sys; print(sys.executable)')  # the interpreter itself, not a shim: each call counts when busy
 say() { echo "[try_onprem $(date +%T)] $*"; }
-free_port() { "$PY" -c "from mbib.raylocal import free_port; print(free_port())"; }
+free_port() { "$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 ray_pids() { ps -eo pid=,comm= | awk '$2 ~ /^(raylet|gcs_server)$/ {print $1}' | sort; }
 
 NS_PID=""
