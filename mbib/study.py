@@ -8,11 +8,14 @@ searcher tells Optuna those trials are PRUNED so TPE never mistakes a truncated 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -26,7 +29,7 @@ from mbib import console, tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.config import TrainConfig, apply_overrides, preset
 from mbib.data.datasets import pinned_data_root
-from mbib.errors import ConfigError, TrainingError
+from mbib.errors import ConfigError, MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
 from mbib.storelock import LockPatientClient
 
@@ -35,6 +38,8 @@ SEARCH_SPACE: dict[str, tuple[float, float]] = {  # the paper's ranges (Sec. 4.2
 METRIC, BUDGET = "acc", "epochs_done"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes of Ray's logical "memory" resource per trial function
 TAG_STUDY, TAG_DATASET, TAG_TRIAL = "mbib.study", "mbib.dataset", "mbib.trial_id"
+TAG_LATE = "mbib.logged_on_resume"  # on runs whose records were logged by --resume after the server was away
+_LOST: dict[str, str] = {}  # parent run id -> why the tracking server stopped answering during this driver
 
 
 @dataclass
@@ -204,6 +209,17 @@ class MLflowTrialLogger(tune.Callback):
     def _reset(self) -> None:
         self._client, self._runs, self._logged = None, {}, {}
 
+    def _guarded(self, fn, *args) -> None:
+        """A tracking server that goes away must not stop the trials: note why, stop logging; --resume fills in."""
+        if self.parent_run_id in _LOST:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # MLflow raises several types for a dead server
+            _LOST[self.parent_run_id] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+            logging.getLogger(__name__).warning("MLflow stopped answering (%s); trials go on, their records are "
+                                                "logged by --resume", _LOST[self.parent_run_id])
+
     def __getstate__(self):  # Tune pickles callbacks into the experiment state; clients and caches stay behind
         state = self.__dict__.copy()
         state.update(_client=None, _runs={}, _logged={})
@@ -226,36 +242,70 @@ class MLflowTrialLogger(tune.Callback):
             run = found[0]
             self._logged[tid] = int(run.data.metrics.get(BUDGET, 0))
         else:
-            run = self.client.create_run(self.experiment_id, tags={
-                "mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"{self.dataset_key}-{tid}",
+            number = str(getattr(trial, "experiment_tag", "")).split("_")[0] or tid  # Tune's tag starts with the index
+            run = self.client.create_run(self.experiment_id, tags={  # names start with what tells runs apart
+                "mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"#{number} {self.dataset_key}",
                 TAG_TRIAL: tid, TAG_DATASET: self.dataset_key})
             cfg = trial_train_config(trial.config)
             tracking.log_params(self.client, run.info.run_id,
                                 {**{k: trial.config[k] for k in SEARCH_SPACE}, **cfg.flat()})
+            tracking.log_dataset(self.client, run.info.run_id, self.dataset_key, cfg.data)
             self._logged[tid] = 0
         self._runs[tid] = run.info.run_id
         return run.info.run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.child_run(trial)
+        self._guarded(self.child_run, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id, step = self.child_run(trial), int(result.get(BUDGET, 0))
-        if step <= self._logged.get(trial.trial_id, 0):
-            return  # logged before the driver was interrupted
-        tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k not in _TUNE_KEYS}, step=step)
-        self._logged[trial.trial_id] = step
+        self._guarded(self.log_result, trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.child_run(trial)
-        if self.client.get_run(run_id).info.status == "FINISHED":
-            return  # finished before an interruption that came before Tune saved its state: keep the record
-        done = int((trial.last_result or {}).get(BUDGET, 0))
-        self.client.set_tag(run_id, "mbib.stopped_early", str(done < self.max_epochs).lower())
-        self.client.set_terminated(run_id, "FINISHED")
+        self._guarded(self.complete, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.client.set_terminated(self.child_run(trial), "FAILED")
+        self._guarded(lambda: self.client.set_terminated(self.child_run(trial), "FAILED"))
+
+    def log_result(self, trial, result: dict) -> bool:
+        run_id, step = self.child_run(trial), int(result.get(BUDGET, 0))
+        if step <= self._logged.get(trial.trial_id, 0):
+            return False  # logged before the driver was interrupted
+        tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k not in _TUNE_KEYS}, step=step)
+        self._logged[trial.trial_id] = step
+        return True
+
+    def complete(self, trial) -> bool:
+        run_id = self.child_run(trial)
+        run = self.client.get_run(run_id)
+        if run.info.status == "FINISHED":
+            return False  # finished before an interruption that came before Tune saved its state: keep the record
+        done = int((trial.last_result or {}).get(BUDGET, 0))
+        self.client.set_tag(run_id, "mbib.stopped_early", str(done < self.max_epochs).lower())
+        accs = [m.value for m in self.client.get_metric_history(run_id, METRIC)]
+        if accs:  # the run list shows names without configuring columns: the score goes there too
+            self.client.set_tag(run_id, "mlflow.runName", f"{run.info.run_name} acc {max(accs):.1f}")
+        self.client.set_terminated(run_id, "FINISHED")
+        return True
+
+    def backfill(self, result_grid) -> int:
+        """Log from Tune's results what MLflow missed while its server was away; mark each run it completes."""
+        filled = 0
+        for res in result_grid:
+            df = res.metrics_dataframe
+            if df is None or df.empty or "trial_id" not in df:
+                continue
+            tid = str(df["trial_id"].iloc[-1])
+            trial = SimpleNamespace(trial_id=tid, config=res.config, last_result=res.metrics,
+                                    experiment_tag=str(_trial_number(tid, res.path)))
+            rows = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items() if not str(k).startswith("config/")}
+                    for r in df.to_dict("records")]
+            late = sum(self.log_result(trial, {k: v for k, v in r.items() if _finite(v)}) for r in rows)
+            late += 0 if res.error else self.complete(trial)
+            if late:
+                self.client.set_tag(self.child_run(trial), TAG_LATE, f"{late} records logged by --resume "
+                                    "(the tracking server was away when the trial ran)")
+            filled += late
+        return filled
 
 
 _TUNE_KEYS = {"trial_id", "date", "timestamp", "pid", "hostname", "node_ip", "time_this_iter_s",
@@ -277,8 +327,9 @@ def parent_run(client, experiment_id: str, study: str, key: str, reuse: bool) ->
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-    run = client.create_run(experiment_id, tags={TAG_STUDY: study, TAG_DATASET: key,
-                                                  "mlflow.runName": f"{study}-{key}"})
+    run = client.create_run(experiment_id, tags={TAG_STUDY: study, TAG_DATASET: key, "mlflow.runName": key,
+                                                  "mlflow.source.name": Path(sys.argv[0]).name or "mbib.study",
+                                                  "mlflow.source.type": "LOCAL"})
     return run.info.run_id
 
 
@@ -449,6 +500,7 @@ def summarize(client, parent_id: str, key: str, rows: list[TrialRow]) -> tuple[T
         tracking.log_params(client, parent_id, {f"best_{k}": v for k, v in best.params.items()}
                             | {"best_trial_id": best.trial_id, "num_trials": len(rows)})
         tracking.log_metrics(client, parent_id, {f"best_{k}": v for k, v in best.metrics.items()}, step=0)
+        client.set_tag(parent_id, "mlflow.runName", f"{key} best {best.acc:.1f}")  # visible in the run list
     scores = [r for r in rows if _finite(r.acc)]
     for i, r in enumerate(scores):  # the optimisation history as two metric series over trial number
         so_far = max(x.acc for x in scores[: i + 1])
@@ -559,6 +611,8 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
                                                 "max_concurrent": spec.max_concurrent, "epochs": epochs,
                                                 "gpus_per_trial": spec.gpus_per_trial, "sampler": f"TPE(seed={spec.seed})",
                                                 "scheduler": "ASHA", "pruned_trials_told_as": "PRUNED"})
+        tracking.log_dataset(client, parent_id, ds.key, base.data)
+    logger = MLflowTrialLogger(uri, experiment_id, parent_id, ds.key, epochs)
     if not exists:
         base.runtime.storage_path = f"{spec.root()}/train_runs"
         base.runtime.show_progress = False
@@ -569,10 +623,15 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
                                         scheduler=make_scheduler(spec, epochs), num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent),
             run_config=tune.RunConfig(name=ds.key, storage_path=spec.root(), verbose=console.tune_verbosity(),
-                                      callbacks=[MLflowTrialLogger(uri, experiment_id, parent_id, ds.key, epochs),
-                                                 *console.study_callbacks(ds.key, epochs, SEARCH_SPACE)]),
+                                      callbacks=[logger, *console.study_callbacks(ds.key, epochs, SEARCH_SPACE)]),
         )
     grid = tuner.fit()
+    if parent_id in _LOST:
+        raise TrackingLost(f"the MLflow server at {uri} stopped answering during the study ({_LOST[parent_id]}): "
+                           f"the trials' results are safe under {exp_path}; when the server is back, rerun with "
+                           "--resume and they are logged")
+    if (late := logger.backfill(grid)):
+        print(f"{ds.key}: logged {late} records the tracking server had missed (tagged {TAG_LATE})")
     rows = collect_rows(grid, epochs)
     best, importances = summarize(client, parent_id, ds.key, rows)
     model_name = version = None
@@ -625,10 +684,33 @@ def run_study(spec: StudySpec, resume: bool = False) -> list[DatasetOutcome]:
     # evaluation epochs carry "acc", the others only training losses: Tune must not insist on "acc" in each report
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     uri = tracking.tracking_uri(spec.tracking_uri)
+    tracking.check_reachable(uri)  # one line before any trial runs, not a retry loop per trial
+    for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(var, value)  # a server that went away costs seconds per call, not minutes
     client = LockPatientClient(MlflowClient(uri))  # another study writing the same SQLite file waits, not dies
-    experiment_id = tracking.get_or_create_experiment(client, spec.name)  # on the driver, before any trial
-    ensure_ray(dashboard=True)
-    return [run_dataset(spec, ds, client, experiment_id, uri, resume) for ds in spec.datasets]
+    try:
+        experiment_id = tracking.get_or_create_experiment(client, spec.name)  # on the driver, before any trial
+        ensure_ray(dashboard=True)
+        return [run_dataset(spec, ds, client, experiment_id, uri, resume) for ds in spec.datasets]
+    except MBIBError:
+        raise
+    except Exception as exc:
+        if not uri.startswith(("http://", "https://")) or not _is_connection_error(exc):
+            raise
+        raise TrackingLost(f"the MLflow server at {uri} stopped answering ({type(exc).__name__}): when it is back, "
+                           "rerun with --resume; finished trials are not rerun and their records are logged then") from None
+
+
+class TrackingLost(MBIBError):
+    """The tracking server went away during a study; Tune's state keeps everything for --resume."""
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, (requests.exceptions.RequestException, ConnectionError)) or (
+        isinstance(exc, MlflowException) and "API request" in str(exc))
 
 
 def outcome_json(outcomes: list[DatasetOutcome]) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DEFAULT_DB = "mlflow.db"
+# MLflow 3's UI opens experiments without this tag on the GenAI traces overview; ours hold training runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -22,14 +24,49 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail in one line, before any work starts, when an http(s) tracking URI has no MLflow server behind it."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from mbib.errors import ConfigError
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"no MLflow server answers at {uri} ({reason}): start it (mlflow server --port ...) "
+                          "or pass another --tracking-uri") from None
+
+
 def get_or_create_experiment(client, name: str, artifact_root: str | None = None) -> str:
     """Create experiments on the driver only: concurrent set_experiment calls race."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for k, v in EXPERIMENT_KIND.items():
+            if k not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
-    if artifact_root is None and tracking_uri().startswith("sqlite:///"):
-        artifact_root = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=artifact_root)
+    uri = client._tracking_client.tracking_uri  # the client's store, not the environment's: a server keeps its own
+    if artifact_root is None and uri.startswith("sqlite:///"):
+        artifact_root = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
+
+
+def log_dataset(client, run_id: str, name: str, data, context: str = "training") -> None:
+    """Record the data set as an MLflow dataset input (the UI's Dataset column): its name, the DataConfig
+    settings that make it, and a digest of those, so runs on the same data show the same entry."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = {k: getattr(data, k) for k in ("dataset", "imbalance_factor", "limit_train", "limit_test", "augment")}
+    text = json.dumps(source, sort_keys=True, default=str)
+    ds = Dataset(name=name, digest=hashlib.sha256(text.encode()).hexdigest()[:8], source_type="mbib", source=text)
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def metric_name(key: str) -> str:

@@ -244,16 +244,24 @@ def test_ray_that_cannot_start_is_one_line(tmp_path):
     assert error.startswith("ERROR Ray could not start (") and "<NL>" not in error, res.stdout[-2000:] + res.stderr[-3000:]
 
 
-def test_cluster_yaml_validates_against_rays_schema():
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-onprem.yaml"])
+def test_cluster_files_validate_against_rays_schema_and_ship_this_checkout(name):
     import jsonschema
     import ray
 
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    text = (REPO / name).read_text()
+    config = yaml.safe_load(text)
     jsonschema.validate(config, schema)
-    assert config["docker"]["image"].startswith("rayproject/ray:") and config["docker"]["image"].endswith("-py311-gpu")
-    assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
-    assert any("mlflow server" in c for c in config["head_start_ray_commands"])
+    assert "git clone" not in text and "YOUR-ORG" not in text  # the code comes from the checkout, not a URL
+    assert config["file_mounts"] == {"~/mbib": "."} and ".gitignore" in config["rsync_filter"]
+    assert any("pip install" in c and "-e ~/mbib" in c for c in config["setup_commands"])
+    assert any("mlflow server" in c and "--host 127.0.0.1" in c for c in config["head_start_ray_commands"])
+    if config["provider"]["type"] == "aws":
+        assert config["docker"]["image"].startswith("rayproject/ray:") and config["docker"]["image"].endswith("-py311-gpu")
+    else:  # Ray's on-premises provider: the machines and the SSH account are the user's to fill in
+        assert config["provider"]["type"] == "local" and {"head_ip", "worker_ips"} <= set(config["provider"])
+        assert {"ssh_user", "ssh_private_key"} <= set(config["auth"])
 
 
 def test_trials_stopped_early_reach_optuna_as_pruned_not_complete():

@@ -143,6 +143,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         from mlflow.tracking import MlflowClient
 
         uri = tracking.tracking_uri(tracking_uri)
+        tracking.check_reachable(uri)
         client = LockPatientClient(MlflowClient(uri))  # a second writer on a SQLite store: wait, not die
         exp_id = tracking.get_or_create_experiment(client, cfg.experiment)
         tags = {"mlflow.runName": cfg.run_name}
@@ -151,6 +152,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         run_id = client.create_run(exp_id, tags=tags).info.run_id
         tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": len(class_names(data)),
                                              "train_images": sum(data.class_counts)})
+        tracking.log_dataset(client, run_id, Path(cfg.data.dataset).stem, cfg.data)
     callbacks = [*([MLflowReportCallback(uri, run_id)] if track else []), *(callbacks or [])]
     try:
         result = build_trainer(cfg, callbacks).fit()
