@@ -90,8 +90,9 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrain
 
 
 def root_cause(exc: BaseException) -> BaseException:
-    """Dig an mbib error out of Ray's wrappers so the user sees our one-line message."""
-    seen, stack = set(), [exc]
+    """Dig the error out of Ray's wrappers so the user sees it in one line: an mbib error, else the first error
+    raised outside Ray (a worker's own exception), else `exc`."""
+    seen, stack, own = set(), [exc], None
     while stack:
         e = stack.pop()
         if id(e) in seen:
@@ -99,6 +100,8 @@ def root_cause(exc: BaseException) -> BaseException:
         seen.add(id(e))
         if isinstance(e, MBIBError):
             return e
+        if own is None and not type(e).__module__.startswith("ray"):
+            own = e
         for attr in ("worker_failures", "errors"):
             nested = getattr(e, attr, None)
             if isinstance(nested, dict):
@@ -106,7 +109,7 @@ def root_cause(exc: BaseException) -> BaseException:
         for nxt in (e.__cause__, e.__context__, getattr(e, "cause", None)):
             if isinstance(nxt, BaseException):
                 stack.append(nxt)
-    return exc
+    return own or exc
 
 
 class CopyLatestCheckpoint(ray.train.UserCallback):
