@@ -107,23 +107,27 @@ def end_to_end(cfg: TrainConfig, epochs: int, eval_every: int, storage: str) -> 
     from mbib.train.runner import run_training
 
     class EpochClock(ray.train.UserCallback):
-        """Runs in the Train controller: the wall-clock time of every report (one per epoch)."""
+        """Runs in the Train controller (another process, same machine): appends each report's wall-clock
+        time to a file."""
 
-        def __init__(self):
-            self.times: list[float] = []
+        def __init__(self, path: Path):
+            self.path = path
 
         def after_report(self, run_context, metrics, checkpoint):
-            self.times.append(time.time())
+            with open(self.path, "a") as f:
+                f.write(f"{time.time()}\n")
 
     run_cfg = apply_overrides(cfg, {"optim.epochs": epochs, "runtime.eval_every": eval_every,
                                     "runtime.show_progress": False, "runtime.storage_path": storage,
                                     "run_name": f"throughput-{int(time.time())}"})
-    clock = EpochClock()
-    run_training(run_cfg, track=False, callbacks=[clock])
+    clock = Path(storage) / f"{run_cfg.run_name}.times"
+    clock.parent.mkdir(parents=True, exist_ok=True)
+    run_training(run_cfg, track=False, callbacks=[EpochClock(clock)])
+    times = [float(t) for t in clock.read_text().split()]
     images = sum(load_data(run_cfg).class_counts)
-    span = clock.times[-1] - clock.times[0]
-    return {"images_per_s": images * (len(clock.times) - 1) / span, "epochs_timed": len(clock.times) - 1,
-            "seconds_per_epoch": span / (len(clock.times) - 1), "train_images_per_epoch": images,
+    span = times[-1] - times[0]
+    return {"images_per_s": images * (len(times) - 1) / span, "epochs_timed": len(times) - 1,
+            "seconds_per_epoch": span / (len(times) - 1), "train_images_per_epoch": images,
             "eval_every": eval_every}
 
 

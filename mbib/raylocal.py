@@ -71,6 +71,8 @@ def ensure_ray(dashboard: bool = False) -> None:
             port = free_port()
             api = api or f"http://127.0.0.1:{port}"
             kwargs.update(include_dashboard=True, dashboard_port=port)
+        else:  # a training alone has no use for it, and on a small machine its processes take CPU from training
+            kwargs.update(include_dashboard=False)
     runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None
     from mbib.console import filter_worker_logs
 
