@@ -166,7 +166,8 @@ def test_channels_last_matches_contiguous(name, size):
         model = model.to(memory_format=torch.channels_last)
         out = model(x.to(memory_format=torch.channels_last))
     for k in ref:
-        torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)
+        # fp32 sums in another order (oneDNN picks NHWC kernels by thread count): logits of ~10 agree to 1e-4
+        torch.testing.assert_close(out[k], ref[k], atol=1e-4, rtol=1e-4)
 
 
 def test_normed_heads_are_cosine_classifiers():
