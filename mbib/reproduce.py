@@ -612,11 +612,11 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
         lines += ["## Figure 3: β ablation (IF 100)", "", *beta_section(plan, state, path.parent), ""]
     if plan.taps_ablation:
         lines += ["## Table 4: number of observations v (IF 100)", "", *taps_section(plan, state), ""]
-    pending = [c.key for c in plan_cells(plan) if c.key not in state.cells]
+    pending = [pending_text(path.parent, plan, c) for c in plan_cells(plan) if c.key not in state.cells]
     if pending:
         lines += ["## Still to run", "", f"Cells not finished yet: {', '.join(pending)}. The command above, rerun on "
-                  "a fresh clone, continues them (a cell interrupted part-way continues from the checkpoint "
-                  f"committed under `{path.parent.name}/cells/`).", ""]
+                  "a fresh clone, continues them (a cell interrupted part-way continues from its checkpoint "
+                  f"under `{path.parent.name}/cells/`).", ""]
     lines += ["## Reproduce on CIFAR-100-LT", "",
               "On a machine with CIFAR-100 (torchvision's `cifar-100-python/`, `cifar100.npz` or `cifar100.zip` "
               "under the data root):", "",
@@ -628,6 +628,15 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
+
+
+def pending_text(out: Path, plan: Plan, cell: Cell) -> str:
+    """A cell still to run, with how far its kept checkpoint got."""
+    carry = carry_path(out, plan, cell)
+    if not carry.is_file():
+        return cell.key
+    state = torch.load(carry, map_location="cpu", weights_only=True)
+    return f"{cell.key} ({int(state['epoch']) + 1} of {plan.epochs} epochs done)"
 
 
 def data_caveat(plan: Plan) -> list[str]:
