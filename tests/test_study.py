@@ -117,7 +117,7 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     for p in parents:  # one registered version per data set, even though its parent run was reused
         name = p.data.tags["mbib.registered_model"]
         assert p.data.tags["mbib.registered_version"] == "1"
-        assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+        assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     ids = [r.data.tags["mbib.trial_id"] for r in kids]
     assert len(ids) == len(set(ids)) == 4  # 2 trials per data set, no duplicate child runs
     for d, n in lines_before.items():  # finished trials were not rerun: no new results, same MLflow record
