@@ -176,7 +176,7 @@ def carry_path(out: Path, plan: Plan, cell: Cell) -> Path:
 
 
 class State:
-    """The JSON record of finished cells and analyses; written atomically after every change."""
+    """The JSON record of finished cells (each with its analysis); written atomically after every change."""
 
     def __init__(self, path: Path, settings: dict[str, Any]):
         self.path = path
@@ -186,15 +186,11 @@ class State:
                 raise ConfigError(f"{path} was written with other settings ({self.data.get('settings')}): "
                                   "rerun with those, or pass another --out / delete the file")
         else:
-            self.data = {"settings": settings, "cells": {}, "analyses": {}, "machines": [], "commands": []}
+            self.data = {"settings": settings, "cells": {}, "machines": [], "commands": []}
 
     @property
     def cells(self) -> dict[str, dict[str, Any]]:
         return self.data["cells"]
-
-    @property
-    def analyses(self) -> dict[str, Any]:
-        return self.data["analyses"]
 
     def note_invocation(self, command: str, machine: dict[str, Any]) -> None:
         if machine not in self.data["machines"]:
