@@ -1,13 +1,16 @@
 """Training throughput in three rows, measured in one run (images/s; the ratios are what matter):
 
   limit       bare ResNet-32 forward + backward + SGD on synthetic tensors, in the fastest layout (NCHW or
-              channels_last) and precision (fp32, or bf16 autocast where the device runs it natively) found here,
-              with every core;
-  product     the full MBIB training step of mbib's engine as `mbib train` runs it by default (the engine's own
-              device options and thread count) on real long-tailed batches with batched augmentation;
-  end_to_end  a real `mbib train` run on Ray Train: training images per second of wall time between two epoch
-              reports, so Ray, augmentation, evaluation (every `--eval-every` epochs) and checkpoints count.
+              channels_last), precision (fp32, or bf16 autocast where the device runs it natively) and mode
+              (eager or torch.compile) found here, with every core;
+  product     the full MBIB training step of mbib's engine as a 200-epoch `mbib train` runs it by default (the
+              engine's own device options, compile decision and thread count) on real long-tailed batches with
+              batched augmentation;
+  end_to_end  a real `mbib train` run on Ray Train with the product's options: training images per second of wall
+              time between two epoch reports, so Ray, augmentation, evaluation (every `--eval-every` epochs) and
+              checkpoints count.
 
+Also the product step eager, and torch.compile's compile time against the time it saves in a 200-epoch run.
 Targets: product >= 0.9 x limit, end_to_end >= 0.8 x product. Rounds alternate the step measurements so background
 load hits them alike; the end-to-end run comes last. Results go to a JSON file.
 
@@ -30,7 +33,7 @@ from mbib.config import TrainConfig, apply_overrides
 from mbib.data.cifar import CIFAR100
 from mbib.data.datasets import cifar_source, resolve_data_root
 from mbib.models import build_model
-from mbib.train.engine import Engine, cpu_has_native_bf16, load_data
+from mbib.train.engine import Engine, compiler_available, cpu_has_native_bf16, load_data
 
 
 def pick_dataset(data_root: str | None) -> str:
@@ -73,11 +76,13 @@ def write_result(result: dict, out: str) -> dict:
     return result
 
 
-def bare_step_fn(device: torch.device, num_classes: int, batch: int, channels_last: bool, dtype: torch.dtype | None):
-    """One SGD step of the bare ResNet-32 (plain head) in the given layout and autocast dtype."""
+def bare_step_fn(device: torch.device, num_classes: int, batch: int, channels_last: bool, dtype: torch.dtype | None,
+                 compiled: bool = False):
+    """One SGD step of the bare ResNet-32 (plain head) in the given layout, autocast dtype and mode."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model("resnet32", num_classes, head="plain").to(device, memory_format=layout)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    net = build_model("resnet32", num_classes, head="plain").to(device, memory_format=layout)
+    model = torch.compile(net, dynamic=False) if compiled else net
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, num_classes, (batch,), device=device)
 
@@ -91,13 +96,14 @@ def bare_step_fn(device: torch.device, num_classes: int, batch: int, channels_la
     return step
 
 
-def limit_candidates(device: torch.device) -> dict[str, tuple[bool, torch.dtype | None]]:
-    """Layouts and precisions to try for the limit: bf16 only where the device has it natively."""
+def limit_candidates(device: torch.device, compile: bool) -> dict[str, tuple[bool, torch.dtype | None, bool]]:
+    """Layouts, precisions and modes to try for the limit: bf16 only where the device has it natively."""
     bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
     out = {"nchw_fp32": (False, None), "channels_last_fp32": (True, None)}
     if bf16:
         out.update(nchw_bf16=(False, torch.bfloat16), channels_last_bf16=(True, torch.bfloat16))
-    return out
+    modes = (False, True) if compile else (False,)
+    return {name + ("_compiled" if c else ""): (cl, dt, c) for name, (cl, dt) in out.items() for c in modes}
 
 
 def end_to_end(cfg: TrainConfig, epochs: int, eval_every: int, storage: str) -> dict:
@@ -141,7 +147,7 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=5, help="the end-to-end run's evaluation interval (mbib's default)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the product step with torch.compile'd model, and its compile time")
+                   help="also try torch.compile for the limit's bare steps (the product compiles as mbib decides)")
     p.add_argument("--storage", default="/tmp/mbib-throughput", help="Ray Train storage of the end-to-end run")
     p.add_argument("--out", default="bench/results/train_throughput.json")
     args = p.parse_args(argv)
@@ -149,19 +155,21 @@ def main(argv=None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)  # what one CPU worker gets from a local Ray
     dataset = pick_dataset(args.data_root)
     cfg = apply_overrides(TrainConfig(), {"data.dataset": dataset, "data.data_root": args.data_root,
-                                          "optim.batch_size": args.batch_size, "optim.warmup_epochs": 0})
-    engine = Engine(cfg, load_data(cfg), device)
+                                          "optim.batch_size": args.batch_size, "optim.warmup_epochs": 0,
+                                          "optim.epochs": 200})
+    data = load_data(cfg)
+    engine = Engine(cfg, data, device)  # a 200-epoch run: the engine decides on compile as `mbib train` would
+    eager = Engine(apply_overrides(cfg, {"runtime.compile": False}), data, device)
     k = len(engine.classes)
-    steps = {name: bare_step_fn(device, k, args.batch_size, cl, dt) for name, (cl, dt) in limit_candidates(device).items()}
-    batches = endless(lambda: engine.epoch_batches(0))
+    first_call: dict[str, float] = {}  # seconds of each step's first call: compiles happen there
+    steps = {}
+    for name, (cl, dt, c) in limit_candidates(device, args.compile and compiler_available(device)).items():
+        steps[name] = bare_step_fn(device, k, args.batch_size, cl, dt, c)
+    batches, eager_batches = endless(lambda: engine.epoch_batches(0)), endless(lambda: eager.epoch_batches(0))
     steps["product"] = lambda: engine.train_step(next(batches))
-    compile_s = None
-    if args.compile:  # the same step with the model compiled: worth it only if it repays its compile time
-        compiled = Engine(cfg, engine.data, device)
-        compiled.model = torch.compile(compiled.model)
-        compiled_batches = endless(lambda: compiled.epoch_batches(0))
-        steps["product_compiled"] = lambda: compiled.train_step(next(compiled_batches))
-        compile_s = time_steps(steps["product_compiled"], 1)  # the first call compiles forward and backward
+    steps["product_eager"] = lambda: eager.train_step(next(eager_batches))
+    for name, fn in steps.items():
+        first_call[name] = time_steps(fn, 1)
     for fn in steps.values():  # warm-up: allocator, kernels, oneDNN primitive caches
         time_steps(fn, 2)
     rates: dict[str, list[float]] = {name: [] for name in steps}
@@ -171,18 +179,21 @@ def main(argv=None) -> dict:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates.items()) + " img/s")
     med = {n: statistics.median(v) for n, v in rates.items()}
     limit_name = max((n for n in med if not n.startswith("product")), key=med.get)
-    e2e = end_to_end(cfg, args.epochs, args.eval_every, args.storage) if args.epochs > 1 else {"images_per_s": None}
+    e2e_cfg = apply_overrides(cfg, {"runtime.compile": engine.compiled})  # as a 200-epoch run, though it is short
+    e2e = end_to_end(e2e_cfg, args.epochs, args.eval_every, args.storage) if args.epochs > 1 else {"images_per_s": None}
+    step_s = {n: args.batch_size / v for n, v in med.items()}
+    compile_s = first_call["product"] - step_s["product"] if engine.compiled else 0.0
     result = {
         "images_per_s": {"limit": med[limit_name], "product": med["product"], "end_to_end": e2e["images_per_s"]},
         "ratio_product_over_limit": med["product"] / med[limit_name],
         "ratio_end_to_end_over_product": e2e["images_per_s"] and e2e["images_per_s"] / med["product"],
         "limit_is": limit_name, "limit_candidates": {n: v for n, v in med.items() if not n.startswith("product")},
-        "compile": compile_s and {"compile_s": compile_s, "images_per_s": med["product_compiled"],
-                                  "speedup": med["product_compiled"] / med["product"],
-                                  # seconds a 200-epoch CIFAR-100-LT IF-100 run (10,847 images an epoch) would save
-                                  "saved_s_200_epochs": 200 * 10847 * (1 / med["product"] - 1 / med["product_compiled"])
-                                  - compile_s},
-        "product_options": {"amp_dtype": str(engine.opts.amp_dtype), "channels_last": engine.opts.channels_last},
+        "compile": {"product_compiled": engine.compiled, "compile_s": compile_s,
+                    "speedup_over_eager": med["product"] / med["product_eager"],
+                    # seconds a 200-epoch CIFAR-100-LT IF-100 run (10,847 images an epoch) saves, compile paid
+                    "saved_s_200_epochs": 200 * 10847 * (1 / med["product_eager"] - 1 / med["product"]) - compile_s},
+        "product_options": {"amp_dtype": str(engine.opts.amp_dtype), "channels_last": engine.opts.channels_last,
+                            "compiled": engine.compiled, "eval_batch": engine.opts.eval_batch},
         "end_to_end": e2e, "per_round": rates, "dataset": dataset, "batch_size": args.batch_size,
         "steps_per_round": args.steps, "rounds": args.rounds, "device": str(device), **machine(),
     }

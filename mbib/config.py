@@ -70,6 +70,7 @@ class RuntimeConfig:
     gpus_per_worker: float = 1.0
     amp: bool = True  # bf16/fp16 autocast on CUDA; bf16 on CPUs with native bf16 (AMX, AVX512-BF16)
     channels_last: bool = True  # NHWC activations (CUDA and CPU)
+    compile: bool | None = None  # torch.compile the training step; None: when the run has >= 5,000 steps
     eval_every: int = 5  # evaluate (and checkpoint) every N epochs and at the end
     max_failures: int = 0
     storage_path: str | None = None  # None -> ./mbib_runs
