@@ -139,7 +139,7 @@ def end_to_end(cfg: TrainConfig, epochs: int, eval_every: int, storage: str) -> 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=40, help="steps a round: long enough to average this VM's bursts")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=6,
