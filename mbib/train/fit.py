@@ -51,8 +51,9 @@ def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool =
     cfg = engine.cfg
     epochs, since = cfg.optim.epochs, time.perf_counter()
     for epoch in range(progress.start_epoch, epochs):
-        metrics = {"epoch": epoch, **engine.run_epoch(epoch), "lr": engine.optimizer.param_groups[0]["lr"],
-                   "param_checksum": engine.param_checksum()}
+        # started_at_epoch: where this process began (0: from scratch), so a record shows a run continued, not redone
+        metrics = {"epoch": epoch, "started_at_epoch": progress.start_epoch, **engine.run_epoch(epoch),
+                   "lr": engine.optimizer.param_groups[0]["lr"], "param_checksum": engine.param_checksum()}
         state = None
         if (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs:
             result = engine.evaluate()
