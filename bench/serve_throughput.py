@@ -26,6 +26,7 @@ from PIL import Image
 
 import mbib
 from mbib.checkpoint import model_from_checkpoint, save_checkpoint
+from mbib.data.datasets import resolve_data_root
 from mbib.export import export_onnx
 from mbib.models import build_model, ensemble_logits
 from mbib.serving import OnnxClassifier, ServeSettings, build_app
@@ -35,8 +36,9 @@ RESULTS = Path(__file__).parent / "results" / "serve_throughput.json"
 
 def sample_images(count: int, size: int = 32) -> np.ndarray:
     """uint8 [N, size, size, 3]: real MNIST test digits when MBIB_DATA_ROOT has them, else seeded noise."""
-    path = Path(os.environ.get("MBIB_DATA_ROOT", "/work/shared/data")) / "mnist10k.npz"
-    if path.is_file():
+    root = resolve_data_root(None)
+    path = root / "mnist10k.npz" if root is not None else None
+    if path is not None and path.is_file():
         digits = np.load(path)["x_test"][:: 1500 // count][:count, :, :, 0]
         return np.stack([np.asarray(Image.fromarray(d).resize((size, size)).convert("RGB")) for d in digits])
     return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
