@@ -18,5 +18,13 @@ def app(args: dict):
     config = args.get("config") or os.environ.get("MBIB_SERVE_CONFIG")
     try:
         return build_app(ServeSettings.from_sources(config, args))
-    except MBIBError as exc:  # `serve run` calls this before starting Ray: one line and exit, not a traceback
-        raise SystemExit(f"error: {exc}") from None
+    except MBIBError as exc:
+        if _in_ray_task():  # `serve run CONFIG.yaml` builds in a Ray task, where SystemExit kills the worker and
+            raise RuntimeError(f"error: {exc}") from None  # hides the reason: `serve status` shows this line
+        raise SystemExit(f"error: {exc}") from None  # `serve run serve.app:app` builds before starting Ray
+
+
+def _in_ray_task() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None

@@ -332,6 +332,18 @@ def test_serve_run_with_an_invalid_model_prints_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad} is not a loadable ONNX model")
 
 
+def test_config_file_build_in_a_ray_task_fails_with_the_reason(tmp_path, ray_local):
+    from serve.app import app
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(ray_local.exceptions.RayTaskError) as err:  # as Serve's controller builds a config's app
+        ray_local.get(ray_local.remote(app).remote({"model_path": str(bad)}))
+    assert isinstance(err.value.cause, RuntimeError)  # not SystemExit, which kills the worker and loses the reason
+    reason = str(err.value.cause)
+    assert reason.startswith(f"error: {bad} is not a loadable ONNX model") and "\n" not in reason
+
+
 def test_root_page_is_self_contained_html_that_posts_to_classify(service):
     response = service["client"].get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
