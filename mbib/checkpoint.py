@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, BinaryIO, Callable
 
 import torch
@@ -98,9 +98,18 @@ def load_weights(module: Any, weights: dict[str, Any], state: dict[str, Any], ta
 def check_compatible(state: dict[str, Any], model_spec: dict[str, Any], dataset: str, where: str | os.PathLike) -> None:
     """Refuse a checkpoint made for another architecture, head, class count or data set (one line, both sides)."""
     theirs = (state.get("model_spec", {}), (state.get("data_spec") or {}).get("dataset"))
-    if theirs[0] != model_spec or (theirs[1] is not None and theirs[1] != dataset):
+    if theirs[0] != model_spec or (theirs[1] is not None and not same_dataset(theirs[1], dataset)):
         raise TrainingError(f"checkpoint {where} was made for {describe(*theirs)}, but this run is "
                             f"{describe(model_spec, dataset)}: pick a matching checkpoint, or another run name")
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Data set names match; a file or folder data set (npz:PATH, imagefolder:PATH) by its prefix and last path
+    part, so a run continued on another machine, where the same data lies in another folder, is accepted."""
+    def key(name: str) -> str:
+        prefix, sep, path = name.strip().partition(":")
+        return f"{prefix.lower()}:{PurePath(path).name}" if sep and prefix.lower() in ("npz", "imagefolder") else name
+    return key(a) == key(b)
 
 
 def model_from_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):

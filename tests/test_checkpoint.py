@@ -64,6 +64,18 @@ def test_another_architecture_or_data_set_is_refused_before_loading(saved, their
     assert "made for resnet32 (head=mbib) with 10 classes on digits-lt" in one_line(err) and expected in one_line(err)
 
 
+def test_a_file_data_set_moved_to_another_folder_is_the_same_data_set(saved):
+    state = load_checkpoint(saved)
+    state["data_spec"]["dataset"] = "npz:/lab/alice/data/set.npz"
+    check_compatible(state, SPEC10, "npz:/home/bob/set.npz", saved)  # the same file on another machine
+    state["data_spec"]["dataset"] = "imagefolder:/lab/data/flowers/"
+    check_compatible(state, SPEC10, "imagefolder:/mnt/flowers", saved)
+    with pytest.raises(TrainingError, match="on imagefolder:/mnt/birds"):
+        check_compatible(state, SPEC10, "imagefolder:/mnt/birds", saved)
+    with pytest.raises(TrainingError, match="on npz:/lab/flowers"):  # another kind of data set, same name
+        check_compatible(state, SPEC10, "npz:/lab/flowers", saved)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "not-a-dict"])
 def test_truncated_or_corrupt_checkpoint_is_one_line(saved, tmp_path, damage):
     data = saved.read_bytes()
