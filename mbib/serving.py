@@ -34,6 +34,7 @@ from mbib.serving_page import page_html
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 SMALL_MODEL_MAX = 64  # image sizes up to this are resized without a crop
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # how Pillow opens 16-bit grey PNGs and TIFFs
 CROP_FRACTION = 0.875  # resize-then-centre-crop ratio for ImageNet-sized models
 DRAIN_MAX_BYTES = 256 * 1024 * 1024  # an oversized body up to this is read and dropped so the client reads the 413
 ENV_PREFIX = "MBIB_SERVE_"
@@ -158,6 +159,9 @@ def to_model_input(image: Image.Image, size: int, mean: np.ndarray, std: np.ndar
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block should not reject an otherwise fine image
         pass
+    if image.mode in SIXTEEN_BIT_GREY:  # Pillow's convert would clip every value above 255 to white
+        wide = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)

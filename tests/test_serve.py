@@ -344,6 +344,16 @@ def test_config_file_build_in_a_ray_task_fails_with_the_reason(tmp_path, ray_loc
     assert reason.startswith(f"error: {bad} is not a loadable ONNX model") and "\n" not in reason
 
 
+def test_sixteen_bit_grey_png_is_scaled_not_clipped():
+    eight = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(eight.astype(np.uint16) * 257).save(png, "PNG")  # the same picture at 16 bits
+    sixteen = Image.open(io.BytesIO(png.getvalue()))
+    assert sixteen.mode.startswith("I")
+    mean, std = np.array([0.5, 0.5, 0.5], np.float32), np.array([0.25, 0.25, 0.25], np.float32)
+    np.testing.assert_allclose(to_model_input(sixteen, 32, mean, std), to_model_input(Image.fromarray(eight), 32, mean, std))
+
+
 def test_root_page_is_self_contained_html_that_posts_to_classify(service):
     response = service["client"].get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
