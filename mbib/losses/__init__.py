@@ -44,4 +44,5 @@ __all__ = [
 ]
 
 # the method modules outside criteria.py, one line each: importing them registers their methods
+from mbib.losses import logit_adjust  # noqa: E402, F401  "la"
 from mbib import gml  # noqa: E402, F401  "gml", "mbib-gml"
