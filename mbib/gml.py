@@ -23,7 +23,7 @@ Choices (the issue asks each to be documented):
   classes with no valid key are left out of the softmax, and queries of such classes out of the mean.
 * keys are L2-normalised 32-d projections computed by the key encoder and enqueued *before* the loss is
   computed (as published), so a query's class always has at least its own key.
-* key encoder: a momentum copy (m=0.999) of backbone + projection, updated inside ``GMLHead.forward``
+* key encoder: a momentum copy (m=0.999) of backbone + projection, updated inside ``GMLWrapper.forward``
   in training mode before the keys are computed (MoCo order); or a frozen teacher backbone whose keys
   pass through a momentum copy of the query projection (the authors train a separate key projection on
   raw teacher features kept in the queue; we keep projected keys so the queue is encoder-agnostic, which
@@ -37,14 +37,18 @@ Choices (the issue asks each to be documented):
   ``exclude_own_key``), as the authors do: otherwise T could shrink towards the trivial self-match.
   The encoder copy keeps them, as published.
 * several GPUs: keys, labels and indices are all-gathered before they are queued, so every rank holds
-  the same queue (MoCo's ``concat_all_gather``); the engine all-reduces the temperature's gradient.
+  the same queue (MoCo's ``concat_all_gather``); the task all-reduces the temperature's gradient.
   MoCo's shuffled BN for the key encoder is not done.
+
+Training: ``GMLTask`` (registered with both methods at the end) wraps the network in a ``GMLWrapper``, feeds it
+the extra views and hands the batch's dataset indices to the loss; the engine knows nothing of GML.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -52,18 +56,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbib.errors import ConfigError
-from mbib.losses import Criterion, build_criterion, method_defaults, register_method
+from mbib.losses.criteria import Criterion
 from mbib.losses.functional import tap_keys
+from mbib.losses.registry import build_criterion, method_defaults, register_method
+from mbib.models import build_model
+from mbib.train.task import Task, VSDRamp, vsd_warmup_epochs
 
 QUERY_KEY = "gml_query"  # [B, dim] L2-normalised query projections (training only)
 KEY_KEY = "gml_key"  # [B, dim] L2-normalised keys from the key encoder (training only, no grad)
 TEACHER_KEY = "gml_teacher"  # [B, K] teacher logits for KD (training with a teacher only)
-INDEX_KEY = "gml_index"  # [B] dataset indices of the batch (the engine adds them; own-key exclusion)
+INDEX_KEY = "gml_index"  # [B] dataset indices of the batch (GMLTask adds them; own-key exclusion)
 AUX_KEYS = (QUERY_KEY, KEY_KEY, TEACHER_KEY, INDEX_KEY)
 
 
 def logit_outputs(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The classifier logits of a GMLHead output, without the auxiliary GML tensors."""
+    """The classifier logits of a GMLWrapper output, without the auxiliary GML tensors."""
     return {k: v for k, v in outputs.items() if k not in AUX_KEYS}
 
 
@@ -186,13 +193,13 @@ def projection_head(in_dim: int, hidden: int = 64, out_dim: int = 32) -> nn.Sequ
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
-class GMLHead(nn.Module):
-    """Wraps an mbib model: adds a query projection, a key encoder and, in training, the GML tensors.
+class GMLWrapper(nn.Module):
+    """Wraps a whole mbib network: adds a query projection, a key encoder and, in training, the GML tensors.
 
     ``forward(x, x_key=None)`` returns the wrapped model's logits dict; in training mode it also holds
     ``gml_query`` [B, 32] (with grad), ``gml_key`` [B, 32] (no grad) and, with a teacher,
-    ``gml_teacher`` [B, K]. In eval mode it returns the logits only, so evaluation and export see a plain
-    mbib model. ``feature`` picks the representation the projection reads: "final" (last tap) or "z".
+    ``gml_teacher`` [B, K]. In eval mode it returns the logits only, like the network it wraps.
+    ``feature`` picks the representation the projection reads: "final" (last tap) or "z".
     Logits and features come from one backbone pass (``model.heads`` applied to ``model.features``).
     ``momentum_update()`` runs inside the training forward, so the training loop needs no extra hook.
     """
@@ -294,7 +301,7 @@ class GMLHead(nn.Module):
 
 
 def logits_and_features(model: nn.Module, x):
-    """An MBIBNet's logits and representations from one backbone pass (its forward is heads(features))."""
+    """A TappedNet's logits and representations from one backbone pass (its forward is heads(features))."""
     feats = model.features(x)
     return {k: model.heads[k](r) for k, r in feats.items()}, feats
 
@@ -336,17 +343,6 @@ class GMLCriterion(Criterion):
         self.kd_temperature, self.kd_teacher_scale = kd_temperature, kd_teacher_scale
         self.exclude_own_key = exclude_own_key
         self.base = base
-
-    @property
-    def beta(self) -> float:
-        """The base objective's VSD weight (mbib-gml), so the engine's beta warm-up reaches it."""
-        if self.base is None or not hasattr(self.base, "beta"):
-            raise AttributeError("beta")
-        return self.base.beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self.base.beta = value
 
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         """Parameters the optimiser must not decay (decay would pull log T towards T = 1)."""
@@ -409,6 +405,33 @@ GML_METHODS: dict[str, tuple[str, str, dict]] = {
 }
 
 
+class GMLTask(Task):
+    """GML as the engine trains it: the network inside a GMLWrapper, ``loss.gml_views`` views per image, the
+    batch's dataset indices passed to the loss (own-key exclusion) and, for mbib-gml, MBIB's VSD ramp."""
+
+    def __init__(self, cfg, network: nn.Module, criterion: GMLCriterion, feature: str = "final") -> None:
+        self.views = cfg.loss.gml_views
+        if self.views not in (1, 3):
+            raise ConfigError(f"loss.gml_views={self.views} is not supported: use 3 (as GML publishes) or 1")
+        self.feature = feature
+        super().__init__(cfg, network, criterion)
+        # mbib-gml: the MBIB objective inside keeps its VSD ramp
+        self.ramp = None if criterion.base is None else VSDRamp(criterion.base, vsd_warmup_epochs(cfg))
+
+    def wrap(self, network: nn.Module) -> GMLWrapper:
+        return GMLWrapper(network, feature=self.feature)
+
+    def before_step(self, step: int, steps_per_epoch: int) -> None:
+        if self.ramp is not None:
+            self.ramp.at(step, steps_per_epoch)
+
+    def inputs(self, batch) -> tuple[torch.Tensor, ...]:
+        return (batch.x, *batch.views)  # classifier view, then the query's and the key's when drawn
+
+    def loss(self, outputs, batch):
+        return self.criterion({**outputs, INDEX_KEY: batch.index}, batch.y)
+
+
 def _gml_factory(class_counts, **hparams) -> GMLCriterion:
     return GMLCriterion("gml", "plain", class_counts, **hparams)
 
@@ -420,23 +443,22 @@ def _mbib_gml_factory(class_counts, **hparams) -> GMLCriterion:
 
 
 def register_gml_methods() -> None:
-    """Add "gml" and "mbib-gml" to mbib.losses (METHODS, METHOD_MODEL_OPTIONS, build_criterion); idempotent."""
-    register_method("gml", "plain", _gml_factory, GML_DEFAULTS, GML_METHODS["gml"][2])
+    """Add "gml" and "mbib-gml" to the method registry (mbib.losses); run on import, idempotent."""
+    register_method("gml", "plain", _gml_factory, GML_DEFAULTS, GML_METHODS["gml"][2],
+                    task=partial(GMLTask, feature=GML_METHODS["gml"][1]))
     mbib_gml = {**method_defaults("mbib"), **{k: v for k, v in GML_DEFAULTS.items() if k not in ("sup_weight", "kd_weight")}}
-    register_method("mbib-gml", "mbib", _mbib_gml_factory, mbib_gml, GML_METHODS["mbib-gml"][2])
-
-
-def is_gml_method(method: str) -> bool:
-    return method in GML_METHODS
+    register_method("mbib-gml", "mbib", _mbib_gml_factory, mbib_gml, GML_METHODS["mbib-gml"][2],
+                    task=partial(GMLTask, feature=GML_METHODS["mbib-gml"][1]))
 
 
 def build_gml_model(name: str, num_classes: int, method: str = "gml", teacher: nn.Module | None = None,
-                    momentum: float = 0.999, **options) -> GMLHead:
-    """build_model with the head a GML method needs, wrapped in a GMLHead (momentum or teacher keys)."""
+                    momentum: float = 0.999, **options) -> GMLWrapper:
+    """build_model with the head a GML method needs, wrapped in a GMLWrapper (momentum or teacher keys)."""
     if method not in GML_METHODS:
         raise ConfigError(f"unknown GML method '{method}'; use one of {sorted(GML_METHODS)}")
-    from mbib.models import build_model
-
     head, feature, defaults = GML_METHODS[method]
     options = {"head": head, **defaults, **options}
-    return GMLHead(build_model(name, num_classes, **options), feature=feature, momentum=momentum, teacher=teacher)
+    return GMLWrapper(build_model(name, num_classes, **options), feature=feature, momentum=momentum, teacher=teacher)
+
+
+register_gml_methods()

@@ -718,12 +718,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--verbose", action="store_true", help="show Ray's worker logs, not only the progress bar")
     args = p.parse_args(argv)
     from mbib.console import set_verbose
-    from mbib.gml import register_gml_methods
 
     set_verbose(args.verbose)
     from mbib.losses import METHODS
 
-    register_gml_methods()
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

@@ -22,9 +22,9 @@ def one_step(monkeypatch, amp: bool, channels_last: bool, native_bf16: bool = Fa
     engine = Engine(cfg, load_data(cfg), CPU)
     if keep_engine is not None:
         keep_engine.append(engine)
-    before = torch.cat([p.detach().flatten().clone() for p in engine.net.parameters()])
+    before = torch.cat([p.detach().flatten().clone() for p in engine.task.train_module.parameters()])
     loss, _ = engine.train_step(next(iter(engine.epoch_batches(0))))
-    after = torch.cat([p.detach().flatten() for p in engine.net.parameters()])
+    after = torch.cat([p.detach().flatten() for p in engine.task.train_module.parameters()])
     return float(loss), before, after, engine.opts
 
 
@@ -60,7 +60,7 @@ def test_compiled_step_matches_eager(monkeypatch):
     engines: list = []
     loss_c, before_c, after_c, _ = one_step(monkeypatch, amp=False, channels_last=True, compile=True,
                                             keep_engine=engines)
-    assert engines[0].compiled and engines[0].model is not engines[0].net  # the step ran through the compiled module
+    assert engines[0].compiled and engines[0].step_module is not engines[0].task.train_module  # the step ran compiled
     assert torch.equal(before, before_c)
     assert loss_c == pytest.approx(loss, rel=1e-4)  # fused kernels sum in another order
     assert (after_c - after).abs().max() <= 1e-2 * (after - before).abs().max()

@@ -199,6 +199,16 @@ def test_gml_head_and_registered_methods_on_resnet32():
         assert set(head(x)) == set(head.model.output_keys)  # eval: logits only, like a plain model
 
 
+def test_importing_mbib_losses_alone_registers_gml_without_the_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys, mbib.losses as L; print('gml' in L.METHODS and 'mbib-gml' in L.METHODS, "
+            "'mbib.train.engine' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
 def test_per_query_mask_drops_a_key_for_that_query_only():
     keys, labels, valid = _hand_queue()
     q = torch.tensor([[0.6, 0.8], [0.6, 0.8]])
@@ -263,17 +273,18 @@ def test_engine_ramps_mbib_gml_vsd_weight_and_feeds_three_views():
     from mbib.train.engine import Engine
 
     engine = Engine(apply_overrides(_gml_config(), {"loss.gml_weight": 0.3}), _tiny_data(), torch.device("cpu"))
-    assert engine.beta == 5.0 and engine.views == 3 and engine.criterion.con_weight == 0.3
+    assert engine.task.ramp.beta == 5.0 and engine.task.views == 3 and engine.task.criterion.con_weight == 0.3
     batches = engine.epoch_batches(0)
     first = next(batches)
     assert len(first.views) == 2 and all(v.shape == first.x.shape for v in first.views)
     assert not torch.equal(first.views[0], first.x)  # separate draws of the augmentation
     engine.train_step(first)
-    assert engine.criterion.base.beta == 0.0  # step 0 of a one-epoch (6-step) ramp
+    assert engine.task.criterion.base.beta == 0.0  # step 0 of a one-epoch (6-step) ramp
     engine.train_step(next(batches))
-    assert engine.criterion.base.beta == pytest.approx(5.0 / 6)
-    assert sorted(engine.criterion.queue.index[engine.criterion.queue.valid].tolist()) == sorted(
-        torch.cat([first.index, engine.batches.shard_indices()[8:16]]).tolist())
+    assert engine.task.criterion.base.beta == pytest.approx(5.0 / 6)
+    queue = engine.task.criterion.queue
+    assert sorted(queue.index[queue.valid].tolist()) == sorted(
+        torch.cat([first.index, engine.source.batches.shard_indices()[8:16]]).tolist())
 
 
 def _ddp_worker(rank, world, port, out):
@@ -289,9 +300,9 @@ def _ddp_worker(rank, world, port, out):
     batches = engine.epoch_batches(0)
     for _ in range(2):
         engine.train_step(next(batches))
-    q = engine.criterion.queue
+    q = engine.task.criterion.queue
     torch.save({"checksum": engine.param_checksum(), "keys": q.keys.clone(), "index": q.index.clone(),
-                "log_t": engine.criterion.log_temperature.detach().clone()}, f"{out}/{rank}.pt")
+                "log_t": engine.task.criterion.log_temperature.detach().clone()}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 

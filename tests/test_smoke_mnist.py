@@ -15,7 +15,7 @@ def test_mbib_learns_mnist_lt(data_root):
     engine = Engine(cfg, load_data(cfg), torch.device("cpu"))
     losses = []
     for epoch in range(cfg.optim.epochs):
-        engine.criterion.set_epoch(epoch)
+        engine.task.start_epoch(epoch)
         for batch in engine.epoch_batches(epoch):
             loss, _ = engine.train_step(batch)
             losses.append(float(loss))
@@ -24,7 +24,7 @@ def test_mbib_learns_mnist_lt(data_root):
         if len(losses) >= 200:
             break
     assert len(losses) == 200
-    assert engine.criterion.beta == 5.0  # the VSD ramp (2.5 epochs of 56 steps) has reached the paper's beta
+    assert engine.task.criterion.beta == 5.0  # the VSD ramp (2.5 epochs of 56 steps) has reached the paper's beta
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.7 * first, (first, last)  # even though beta ramps from 0 to 5 meanwhile
     result = engine.evaluate()

@@ -52,6 +52,10 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def image_size(self) -> int:
+        return int(self.x_test.shape[-1])
+
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path | None:
     """The data root: the argument, else $MBIB_DATA_ROOT, else None."""

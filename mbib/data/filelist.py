@@ -125,6 +125,15 @@ class FileListData:
     class_counts: list[int]
     num_classes: int
     class_names: list[str] | None = None  # None: the labels' numbers
+    # what the train/test transforms normalise with and crop to (imagenet_transform)
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+    image_size = 224
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, as ImageData has them: the folder names, or the labels' numbers for file lists."""
+        return list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
 
 
 def load_filelist_data(name: str, data_root: str | os.PathLike | None = None) -> FileListData:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbib.errors import ConfigError
 from mbib.losses import functional as L
+from mbib.losses.registry import register_method
+from mbib.train.task import BIBTask
 
 
 class Criterion(nn.Module):
@@ -24,6 +28,10 @@ class Criterion(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer at the start of every (0-based) epoch; only LDAM-DRW uses it."""
         self.epoch = int(epoch)
+
+    def no_weight_decay_params(self) -> list[nn.Parameter]:
+        """The loss's own parameters the optimiser must not decay (none but GML's log temperatures)."""
+        return []
 
     def forward(self, outputs: Mapping[str, Tensor], labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         terms = self.loss_terms(outputs, labels)
@@ -136,3 +144,36 @@ class LDAMDRWCriterion(Criterion):
         key = self.final_tap(outputs)
         loss = L.ldam_loss(self.logits(outputs, [key])[key], labels, self.margins, self.scale, self.class_weights())
         return {f"ldam_{key}": loss, "total": loss}
+
+
+# ---------- the built-in methods (GML registers in mbib.gml) ----------
+def _bib_family(method: str, head: str, wiring: str, fixed: Mapping[str, Any]) -> Callable[..., Criterion]:
+    def factory(class_counts: Tensor, **hparams: Any) -> Criterion:
+        return BIBCriterion(method, head, class_counts, wiring=wiring, **{**fixed, **hparams})
+    return factory
+
+
+_BIB = {"beta": L.DEFAULT_BETA, "m": 0.1, "gamma": 0.0, "weighted_mean": "weights", "logit_adjust": True}
+_MBIB = {**_BIB, "a": 0.1, "b": 0.3}  # Sec. 4.2: a = 0.1, b = 0.3, m = 0.1 on all datasets
+
+register_method("ce", "plain", partial(SingleHeadCriterion, "ce", "plain", kind="ce"))
+register_method("focal", "plain", partial(SingleHeadCriterion, "focal", "plain", kind="focal"),
+                {"focal_gamma": 1.0})  # gamma = 1 as in the focal baseline of Cao et al. (Lin et al. use 2)
+register_method("bsce", "plain", partial(SingleHeadCriterion, "bsce", "plain", kind="bsce"),
+                {"m": 0.0, "weighted_mean": "weights"})  # Ren et al.: logit adjustment only, no Eq. 7 weights
+register_method("bsce-mlp", "mlp", partial(SingleHeadCriterion, "bsce-mlp", "mlp", kind="bsce", key="z"),
+                {"m": 0.0, "weighted_mean": "weights"})  # Appendix C: branch z alone trained with BSCE
+register_method("ldam-drw", "plain", partial(LDAMDRWCriterion, "ldam-drw", "plain"),
+                {"max_margin": 0.5, "scale": 30.0, "drw_epoch": 160, "drw_beta": 0.9999}, {"normed": True})
+register_method("bib", "bib", _bib_family("bib", "bib", "bib", {}), _BIB, task=BIBTask)
+register_method("mbib", "mbib", _bib_family("mbib", "mbib", "mbib", {}), _MBIB, task=BIBTask)
+register_method("se-mbib", "mbib", _bib_family("se-mbib", "mbib", "se", {}), _MBIB, task=BIBTask)
+register_method("all-mbib", "mbib", _bib_family("all-mbib", "mbib", "all", {}), _MBIB, task=BIBTask)
+# Appendix B ablations: "Balanced" off = plain CE on both heads (no log n_i, no Eq. 7 weights); beta = 0 = no VSD
+register_method("ce-2branch", "bib",
+                _bib_family("ce-2branch", "bib", "bib", {"beta": 0.0, "m": 0.0, "gamma": 0.0, "logit_adjust": False}),
+                task=BIBTask)
+register_method("bsce-2branch", "bib", _bib_family("bsce-2branch", "bib", "bib", {"beta": 0.0, "gamma": 0.0}),
+                {"m": 0.1, "weighted_mean": "weights", "logit_adjust": True}, task=BIBTask)
+register_method("sdib", "bib", _bib_family("sdib", "bib", "bib", {"m": 0.0, "logit_adjust": False}),
+                {"beta": L.DEFAULT_BETA, "gamma": 0.0}, task=BIBTask)

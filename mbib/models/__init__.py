@@ -1,4 +1,4 @@
-"""Model registry: `build_model(name, num_classes, **options) -> MBIBNet`, `list_models()`, `ensemble_logits`.
+"""Model registry: `build_model(name, num_classes, **options) -> TappedNet`, `list_models()`, `ensemble_logits`.
 
 Options (see ModelOptions): head ("mbib" | "bib" | "plain" | "mlp"), num_taps (2..6), z_dim (default: final
 tap width), z_act (default "relu"), normed (LDAM cosine classifiers), input_tap (add Table 4's "x" tap).
@@ -10,16 +10,16 @@ from typing import Callable
 
 from mbib.errors import ConfigError
 from mbib.models.backbone import StagedBackbone, select_taps
-from mbib.models.mbib_net import HEADS, MBIBNet, NormedLinear, ensemble_logits, final_tap_key
+from mbib.models.tapped_net import HEADS, NormedLinear, TappedNet, ensemble_logits, final_tap_key
 from mbib.models.resnet_cifar import resnet32_backbone
 from mbib.models.resnet_imagenet import imagenet_backbone
 
 __all__ = [
     "HEADS",
-    "MBIBNet",
     "ModelOptions",
     "NormedLinear",
     "StagedBackbone",
+    "TappedNet",
     "build_model",
     "ensemble_logits",
     "final_tap_key",
@@ -60,8 +60,8 @@ def list_models() -> list[str]:
     return list(_BACKBONES)
 
 
-def build_model(name: str, num_classes: int, **options) -> MBIBNet:
-    """The MBIBNet with backbone `name`; bad names or options raise a one-line ConfigError."""
+def build_model(name: str, num_classes: int, **options) -> TappedNet:
+    """The TappedNet with backbone `name`; bad names or options raise a one-line ConfigError."""
     if name not in _BACKBONES:
         raise ConfigError(f"unknown model {name!r}; use one of {', '.join(list_models())}")
     valid = [f.name for f in fields(ModelOptions)]
@@ -70,4 +70,4 @@ def build_model(name: str, num_classes: int, **options) -> MBIBNet:
         raise ConfigError(f"unknown model option(s) {', '.join(unknown)}; valid options are {', '.join(valid)}")
     opts = ModelOptions(**options)
     backbone = _BACKBONES[name](opts.num_taps, opts.input_tap)
-    return MBIBNet(backbone, num_classes, opts.head, opts.z_dim, opts.z_act, opts.normed, opts.input_tap)
+    return TappedNet(backbone, num_classes, opts.head, opts.z_dim, opts.z_act, opts.normed, opts.input_tap)

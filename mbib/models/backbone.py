@@ -49,7 +49,7 @@ def select_taps(blocks_per_stage: list[int], num_taps: int) -> list[Tap]:
 
 
 class Backbone(Protocol):
-    """What MBIBNet needs from a feature extractor."""
+    """What TappedNet needs from a feature extractor."""
 
     tap_channels: list[int]  # feature width of each tap, shallow -> deep
 

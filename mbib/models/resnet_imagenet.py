@@ -1,7 +1,7 @@
 """224x224 backbones (Sec. 4.2): ResNet-10 and ResNeXt-50 (ImageNet-LT), ResNet-50 (iNaturalist 2018).
 
 Built from torchvision's ResNet (its BasicBlock/Bottleneck blocks and init), trained from scratch; its
-avgpool and fc are dropped because MBIBNet adds its own GAP and heads. Default taps v1, v2, v3 = GAP of
+avgpool and fc are dropped because TappedNet adds its own GAP and heads. Default taps v1, v2, v3 = GAP of
 layer2, layer3, layer4 (the last three stages); see mbib.models.backbone for other tap counts.
 """
 from __future__ import annotations

@@ -48,7 +48,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
         cfg.data.data_root = data_root
     engine = Engine(cfg, load_data(cfg), dev)
     check_compatible(state, engine.spec, cfg.data.dataset, path)  # e.g. the data root now holds other classes
-    load_weights(engine.base, state["model"], state, describe(engine.spec, cfg.data.dataset), path)
+    load_weights(engine.task.network, state["model"], state, describe(engine.spec, cfg.data.dataset), path)
     result = engine.evaluate()
     return {"checkpoint": str(path), "dataset": cfg.data.dataset, "method": cfg.loss.method,
             "epoch": int(state.get("epoch", -1)) + 1, **result.metrics()}

@@ -21,7 +21,7 @@ from mbib.data.datasets import pinned_data_root, pinned_dataset
 from mbib.errors import ConfigError, MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
 from mbib.storelock import LockPatientClient
-from mbib.train.engine import class_names, load_data
+from mbib.train.engine import load_data
 from mbib.train.loop import train_loop_per_worker
 
 
@@ -153,7 +153,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(exp_id, tags=tags).info.run_id
-        tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": len(class_names(data)),
+        tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": len(data.classes),
                                              "train_images": sum(data.class_counts)})
         tracking.log_dataset(client, run_id, Path(cfg.data.dataset).stem, cfg.data)
     callbacks = [*([MLflowReportCallback(uri, run_id)] if track else []), *(callbacks or [])]

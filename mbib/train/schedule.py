@@ -34,3 +34,8 @@ def scale_schedule(optim: OptimConfig, epochs: int) -> OptimConfig:
         warmup_epochs=optim.warmup_epochs * ratio,
         milestones=tuple(max(1, round(m * ratio)) for m in optim.milestones),
     )
+
+
+def ramp(step: float, total: float) -> float:
+    """Linear warm-up factor: step / total, capped at 1 (the VSD weight's ramp over its warm-up steps)."""
+    return min(1.0, step / total)

@@ -1,4 +1,6 @@
-"""MBIBNet: a tapped backbone, a classifier on every observation v_i, and z = act(FC(v_n)) with its head g.
+"""TappedNet: a tapped backbone, a classifier on every observation v_i, and z = act(FC(v_n)) with its head g.
+
+One network class for every method: MBIB's heads and the baselines' single classifier are its `head` settings.
 
 Fig. 2 of the paper: v1, v2, v3 are GAP'd outputs of CNN1..CNN3 with classifiers h, u, f; z = FC(v3) with
 classifier g; the prediction is the mean of f(v3) and g(z) (Sec. 4.2). Heads per `head`:
@@ -61,8 +63,11 @@ def ensemble_logits(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([outputs[k] for k in present]).mean(dim=0)
 
 
-class MBIBNet(nn.Module):
-    """Backbone taps -> classifiers (h, u, f, ...) and z = act(FC(v_n)) -> g; see the module docstring."""
+class TappedNet(nn.Module):
+    """Backbone taps -> classifiers (h, u, f, ...) and z = act(FC(v_n)) -> g; see the module docstring.
+
+    Not MBIB-only: head="plain" is the baselines' ordinary classifier, head="mlp" Table 5's z-only branch.
+    """
 
     def __init__(
         self,

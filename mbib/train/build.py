@@ -1,0 +1,40 @@
+"""A run's configuration -> its method's Task: which network to build, with which loss settings.
+
+Nothing here knows a method: the registry (mbib.losses) says each method's head, model options and task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mbib.config import TrainConfig
+from mbib.errors import ConfigError
+from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion, method_task
+from mbib.models import build_model
+from mbib.train.task import Task
+
+
+def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """What build_model gets (checkpoints keep it as "model_spec" to rebuild the network)."""
+    method = cfg.loss.method
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(sorted(METHODS))}")
+    options: dict[str, Any] = {"head": METHODS[method], "num_taps": cfg.model.num_taps, **METHOD_MODEL_OPTIONS.get(method, {})}
+    if cfg.model.z_dim is not None:
+        options["z_dim"] = cfg.model.z_dim
+    if cfg.model.input_tap:
+        options["input_tap"] = True
+    return {"name": cfg.model.arch, "num_classes": num_classes, "options": options}
+
+
+def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:
+    loss = cfg.loss
+    return {"beta": loss.beta, "a": loss.a, "b": loss.b, "m": loss.m, "gamma": loss.gamma, "drw_epoch": loss.drw_epoch,
+            "con_weight": loss.gml_weight}
+
+
+def build_task(cfg: TrainConfig, spec: dict[str, Any], class_counts) -> Task:
+    """The method's task around a fresh network of `spec` (seed torch first for reproducible weights)."""
+    network = build_model(spec["name"], spec["num_classes"], **spec["options"])
+    criterion = build_criterion(cfg.loss.method, class_counts, **criterion_hparams(cfg))
+    return method_task(cfg.loss.method)(cfg, network, criterion)
