@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mbib.config import TrainConfig, apply_overrides, preset
+from mbib.config import TrainConfig, apply_overrides, parse_sets, resolve_config
 from mbib.errors import ConfigError, MBIBError
 
 EXPERIMENT = "reproduction"
@@ -146,16 +146,9 @@ def plan_cells(plan: Plan) -> list[Cell]:
 
 
 def base_config(plan: Plan) -> TrainConfig:
-    """Section 4.2's CIFAR-100-LT setup on the chosen data, schedule scaled to plan.epochs."""
-    from mbib.train.schedule import scale_schedule
-
-    cfg = preset("cifar100-lt")
-    ratio = plan.epochs / cfg.optim.epochs
-    cfg.optim = scale_schedule(cfg.optim, plan.epochs)
-    # LDAM-DRW's re-weighting starts at the first lr drop (160 of 200), so it moves with the milestones
-    drw = max(1, round(cfg.loss.drw_epoch * ratio))
-    return apply_overrides(cfg, {"data.dataset": plan.dataset, "model.arch": "resnet32", "runtime.seed": plan.seed,
-                                 "loss.drw_epoch": drw, "experiment": EXPERIMENT})
+    """Section 4.2's CIFAR-100-LT setup on the chosen data, schedule (and LDAM-DRW's epoch) scaled to plan.epochs."""
+    return resolve_config("cifar100-lt", {"data.dataset": plan.dataset, "model.arch": "resnet32",
+                                          "runtime.seed": plan.seed, "experiment": EXPERIMENT}, epochs=plan.epochs)
 
 
 def cell_config(plan: Plan, base: TrainConfig, cell: Cell) -> TrainConfig:
@@ -734,12 +727,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         raise ConfigError(f"--ifs {args.ifs!r} is not a comma-separated list of numbers, e.g. --ifs 100,10") from None
     if args.epochs < 1 or not ifs:
         raise ConfigError("--epochs must be >= 1 and --ifs must name at least one imbalance factor")
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} needs KEY=VALUE, e.g. --set optim.batch_size=64")
-        overrides[key.strip()] = value.strip()
+    overrides = parse_sets(args.overrides)
     plan = Plan(args.dataset, args.epochs, args.seed, methods, ifs, overrides, args.rho, args.posterior,
                 args.beta_ablation, args.taps_ablation, args.appendix_j, args.runner)
     apply_overrides(base_config(plan), overrides)  # a bad --set fails now, not after hours of training

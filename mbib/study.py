@@ -27,8 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from mbib import console, tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from mbib.config import TrainConfig, apply_overrides, preset
-from mbib.data.datasets import pinned_data_root
+from mbib.config import TrainConfig, apply_overrides, parse_sets, resolve_config
 from mbib.errors import ConfigError, MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
 from mbib.storelock import LockPatientClient
@@ -54,6 +53,8 @@ class StudySpec:
     preset: str
     datasets: list[DatasetSpec]
     overrides: dict[str, Any] = field(default_factory=dict)  # applied to every data set
+    epochs: int | None = None  # scales the preset's schedule (warm-up, milestones, DRW epoch) to this many epochs
+    reshape: dict[str, Any] = field(default_factory=dict)  # redefines the preset's schedule before scaling (smoke)
     num_samples: int = 24
     max_concurrent: int = 8
     gpus_per_trial: float = 0.0  # 0.25 packs four CIFAR trials on one GPU
@@ -64,8 +65,8 @@ class StudySpec:
     tracking_uri: str | None = None
 
     def base_config(self, ds: DatasetSpec) -> TrainConfig:
-        cfg = apply_overrides(preset(self.preset), {**self.overrides, **ds.overrides})
-        cfg.data.data_root = pinned_data_root(cfg.data.data_root)  # trials run in other working directories
+        cfg = resolve_config(self.preset, {**self.overrides, **ds.overrides}, epochs=self.epochs, reshape=self.reshape,
+                             pin_data_root=True)  # trials run in other working directories
         if self.gpus_per_trial > 0:  # a fraction of a GPU per Train worker lets small trials share one GPU
             cfg = apply_overrides(cfg, {"runtime.use_gpu": True,
                                         "runtime.gpus_per_worker": self.gpus_per_trial / cfg.runtime.num_workers})
@@ -769,42 +770,40 @@ def study_parser(prog: str, description: str):
     return p
 
 
+def study_spec(args, *, name: str, preset_name: str, datasets: list[DatasetSpec], num_samples: int,
+               max_concurrent: int, gpus_per_trial: float) -> StudySpec:
+    """The study the shared flags ask for: --smoke swaps in offline data and the smoke schedule, --epochs scales
+    the schedule (warm-up, milestones, DRW epoch), --set goes on top."""
+    reshape: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    grace_period = args.grace_period
+    if args.smoke:
+        datasets, preset_name, name = smoke_datasets(args.data_root), "cifar100-lt", f"{name}-smoke"
+        reshape = dict(SMOKE_OVERRIDES)
+        num_samples, max_concurrent, gpus_per_trial = 4, 2, 0.0
+        grace_period = grace_period or SMOKE_GRACE_EPOCHS
+    elif args.data_root:
+        overrides["data.data_root"] = args.data_root
+    overrides.update(parse_sets(args.overrides))
+    return StudySpec(name=args.name or name, preset=preset_name, datasets=datasets, overrides=overrides,
+                     epochs=args.epochs, reshape=reshape, num_samples=args.num_samples or num_samples,
+                     max_concurrent=args.max_concurrent or max_concurrent,
+                     gpus_per_trial=gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial,
+                     grace_period=grace_period, seed=args.seed, storage_path=args.storage_path,
+                     tracking_uri=args.tracking_uri)
+
+
 def study_main(argv, *, prog: str, name: str, preset_name: str, datasets: list[DatasetSpec],
                num_samples: int, max_concurrent: int, gpus_per_trial: float) -> int:
     """Parse the shared study flags, run the study, print where MLflow keeps it; errors as one line."""
-    import sys
     import time
-
-    from mbib.errors import MBIBError
 
     args = study_parser(prog, f"Ray Tune + Optuna study of MBIB's loss settings ({name})").parse_args(argv)
     console.set_verbose(args.verbose)
     started = time.monotonic()
-    overrides: dict[str, Any] = {}
-    if args.smoke:
-        datasets, preset_name, name = smoke_datasets(args.data_root), "cifar100-lt", f"{name}-smoke"
-        overrides.update(SMOKE_OVERRIDES)
-        num_samples, max_concurrent, gpus_per_trial = 4, 2, 0.0
-        args.grace_period = args.grace_period or SMOKE_GRACE_EPOCHS
-    elif args.data_root:
-        overrides["data.data_root"] = args.data_root
-    if args.epochs is not None:
-        overrides["optim.epochs"] = args.epochs
-        if args.smoke:  # keep the smoke schedule's shape: warm-up (and beta's ramp) a sixth of the run
-            overrides["optim.warmup_epochs"] = args.epochs * SMOKE_OVERRIDES["optim.warmup_epochs"] / SMOKE_OVERRIDES["optim.epochs"]
-    for item in args.overrides:
-        k, sep, v = item.partition("=")
-        if not sep:
-            print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        overrides[k.strip()] = v.strip()
-    spec = StudySpec(name=args.name or name, preset=preset_name, datasets=datasets, overrides=overrides,
-                     num_samples=args.num_samples or num_samples,
-                     max_concurrent=args.max_concurrent or max_concurrent,
-                     gpus_per_trial=gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial,
-                     grace_period=args.grace_period, seed=args.seed, storage_path=args.storage_path,
-                     tracking_uri=args.tracking_uri)
     try:
+        spec = study_spec(args, name=name, preset_name=preset_name, datasets=datasets, num_samples=num_samples,
+                          max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial)
         outcomes = run_study(spec, resume=args.resume)
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)
