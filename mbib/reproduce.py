@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mbib import plots
 from mbib.config import TrainConfig, apply_overrides, parse_sets, resolve_config
 from mbib.errors import ConfigError, MBIBError
 
@@ -267,23 +268,14 @@ def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | No
 
 def parent_run(state: State, plan: Plan, tracking_uri: str) -> str:
     """One MLflow parent run per report, reused when the grid resumes against the same store."""
-    from mlflow.tracking import MlflowClient
+    from mbib.tracking.runs import report_parent_run
 
-    from mbib import tracking
-
-    client = MlflowClient(tracking_uri)
-    known = state.data.get("mlflow", {})
-    if known.get("tracking_uri") == tracking_uri:
-        try:
-            return client.get_run(known["parent_run_id"]).info.run_id
-        except Exception:  # the store was wiped since: start a new parent
-            pass
-    exp_id = tracking.get_or_create_experiment(client, EXPERIMENT)
-    run_id = client.create_run(exp_id, tags={"mlflow.runName": plan.tag}).info.run_id
-    tracking.log_params(client, run_id, {"dataset": plan.dataset, "epochs": plan.epochs, "seed": plan.seed,
-                                         **{f"set.{k}": v for k, v in plan.overrides.items()}})
-    state.data["mlflow"] = {"tracking_uri": tracking_uri, "parent_run_id": run_id}
-    state.save()
+    params = {"dataset": plan.dataset, "epochs": plan.epochs, "seed": plan.seed,
+              **{f"set.{k}": v for k, v in plan.overrides.items()}}
+    run_id = report_parent_run(tracking_uri, EXPERIMENT, plan.tag, params, state.data.get("mlflow", {}))
+    if state.data.get("mlflow") != {"tracking_uri": tracking_uri, "parent_run_id": run_id}:
+        state.data["mlflow"] = {"tracking_uri": tracking_uri, "parent_run_id": run_id}
+        state.save()
     return run_id
 
 
@@ -465,7 +457,7 @@ def posterior_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
     if not done:
         return ["Not computed yet (needs CE, BSCE, BIB and MBIB at IF 100)."]
     png = out_dir / f"{plan.tag}-posterior.png"
-    plot_posterior(done, png)  # classes of long-tailed sets are numbered head -> tail (lt_class_counts)
+    plots.plot_posterior(done, png)  # classes of long-tailed sets are numbered head -> tail (lt_class_counts)
     rows = [[m.upper(), fmt(_mean(v), 3), fmt(_mean(v[: len(v) // 3]), 3), fmt(_mean(v[-(len(v) // 3):]), 3)]
             for m, v in done.items()]
     return [f"![mean positive posterior]({png.name})", "",
@@ -480,33 +472,6 @@ def _mean(v: Sequence[float | None]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def plot_posterior(done: dict[str, list[float]], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    diffs = [(a, b) for a, b in (("bib", "ce"), ("bib", "bsce"), ("mbib", "bib")) if a in done and b in done]
-    fig, axes = plt.subplots(2, max(len(done), len(diffs), 1), figsize=(4 * max(len(done), 3), 6), dpi=100,
-                             squeeze=False)
-    for ax, (m, v) in zip(axes[0], done.items()):
-        ax.bar(range(len(v)), [x or 0.0 for x in v], width=1.0)
-        ax.set_title(f"{m.upper()}: q̄(y_i|x)")
-        ax.set_ylim(0, 1)
-    for ax, (a, b) in zip(axes[1], diffs):
-        d = [(x or 0.0) - (y or 0.0) for x, y in zip(done[a], done[b])]
-        ax.bar(range(len(d)), d, width=1.0, color=["tab:green" if x >= 0 else "tab:red" for x in d])
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set_title(f"{a.upper()} − {b.upper()}")
-    for ax in axes.flat:
-        ax.set_xlabel("class (most training images left)")
-        if not ax.has_data():
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-
-
 def beta_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
     rows, series = [], {}
     for m in ("bib", "mbib"):
@@ -518,29 +483,9 @@ def beta_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
              "so there are no published numbers to set beside these."]
     if any(v is not None for vals in series.values() for v in vals):
         png = out_dir / f"{plan.tag}-beta.png"
-        plot_beta(series, png, plan)
+        plots.plot_beta_ablation(series, BETAS, png, f"{plan.dataset} IF 100, {plan.epochs} epochs")
         lines = [f"![beta ablation]({png.name})", "", *lines]
     return lines
-
-
-def plot_beta(series: dict[str, list[float | None]], png: Path, plan: Plan) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for m, style in (("mbib", "-"), ("bib", "--")):  # Figure 3: solid MBIB, dashed BIB
-        pts = [(b, v) for b, v in zip(BETAS, series[m]) if v is not None]
-        if pts:
-            ax.plot(*zip(*pts), style, marker="o", label=m.upper())
-    ax.set_xlabel("β")
-    ax.set_ylabel("overall accuracy (%)")
-    ax.set_title(f"{plan.dataset} IF 100, {plan.epochs} epochs")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
 
 
 def taps_section(plan: Plan, state: State) -> list[str]:
@@ -774,13 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def log_report(state: State, report: Path, uri: str) -> None:
     """The report and its PNGs as artifacts of the parent run."""
-    from mlflow.tracking import MlflowClient
+    from mbib.tracking.runs import log_report as log_files
 
     parent = state.data.get("mlflow", {}).get("parent_run_id")
-    if not parent:
-        return
-    client = MlflowClient(uri)
-    for f in [report, *report.parent.glob(f"{report.stem}-*.png")]:
-        client.log_artifact(parent, str(f), artifact_path="report")
-    client.set_terminated(parent, "FINISHED")
+    if parent:
+        log_files(uri, parent, [report, *report.parent.glob(f"{report.stem}-*.png")])
 

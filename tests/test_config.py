@@ -108,7 +108,7 @@ def test_one_resolver_scales_a_30_epoch_study_cli_run_and_reproduction():
     from pathlib import Path
 
     from mbib import reproduce
-    from mbib.study import study_parser, study_spec
+    from mbib.study.cli import study_parser, study_spec
 
     grid = runpy.run_path(str(Path(__file__).parents[1] / "studies" / "cifar_grid.py"))
     args = study_parser("studies/cifar_grid.py", "").parse_args(["--epochs", "30", "--set", "optim.lr=0.05"])
@@ -125,7 +125,7 @@ def test_one_resolver_scales_a_30_epoch_study_cli_run_and_reproduction():
 
 
 def test_smoke_study_epochs_scale_the_smoke_schedule():
-    from mbib.study import study_parser, study_spec
+    from mbib.study.cli import study_parser, study_spec
 
     args = study_parser("s", "").parse_args(["--smoke", "--epochs", "30"])
     spec = study_spec(args, name="s", preset_name="cifar100-lt", datasets=[], num_samples=1, max_concurrent=1,
