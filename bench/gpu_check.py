@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mbib.config import TrainConfig, resolve_config
-from mbib.reproduce import METHOD_OVERRIDES
+from mbib.reproduction.grid import METHOD_OVERRIDES
 from mbib.train.engine import Batch, Engine, device_options, load_data
 
 COMPARE = {  # label -> (method, extra overrides): the GML comparison plus the check of mbib-gml's beta warm-up

@@ -107,19 +107,19 @@ def test_one_resolver_scales_a_30_epoch_study_cli_run_and_reproduction():
     import runpy
     from pathlib import Path
 
-    from mbib import reproduce
+    from mbib.reproduction import grid
     from mbib.study.cli import study_parser, study_spec
 
-    grid = runpy.run_path(str(Path(__file__).parents[1] / "studies" / "cifar_grid.py"))
+    cifar_grid = runpy.run_path(str(Path(__file__).parents[1] / "studies" / "cifar_grid.py"))
     args = study_parser("studies/cifar_grid.py", "").parse_args(["--epochs", "30", "--set", "optim.lr=0.05"])
-    spec = study_spec(args, name="cifar100-lt-mbib", preset_name="cifar100-lt", datasets=grid["DATASETS"],
+    spec = study_spec(args, name="cifar100-lt-mbib", preset_name="cifar100-lt", datasets=cifar_grid["DATASETS"],
                       num_samples=24, max_concurrent=8, gpus_per_trial=0.25)
     study_cfg = spec.base_config(spec.datasets[0])
     assert _scaled_to_30(study_cfg) and study_cfg.optim.lr == 0.05 and study_cfg.data.imbalance_factor == 100
 
     cli_cfg = _cli_config(["train", "--epochs", "30", "--method", "ldam-drw"])
     assert _scaled_to_30(cli_cfg) and cli_cfg.loss.method == "ldam-drw"
-    assert _scaled_to_30(reproduce.base_config(reproduce.Plan("cifar100-lt", 30, 0, ("ce",), (100.0,), {})))
+    assert _scaled_to_30(grid.base_config(grid.Plan("cifar100-lt", 30, 0, ("ce",), (100.0,), {})))
     # explicit settings win as given over the scaled schedule
     assert resolve_config("cifar100-lt", {"optim.milestones": "10,20"}, epochs=30).optim.milestones == (10, 20)
 

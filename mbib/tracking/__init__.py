@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 DEFAULT_DB = "mlflow.db"
 # MLflow 3's UI opens experiments without this tag on the GenAI traces overview; ours hold training runs
