@@ -11,40 +11,18 @@ from mbib.config import TrainConfig, apply_overrides, resolve_config
 
 
 EXPERIMENT = "reproduction"
-
-
 DEFAULT_METHODS = ("ce", "focal", "bsce", "ldam-drw", "bib", "mbib", "gml", "mbib-gml")
-
-
 DEFAULT_IFS = (100.0, 50.0, 10.0)
-
-
 PAPER_EPOCHS = 200
-
-
 # GML's published results use AutoAugment + Cutout; the other methods use the paper's crop + flip
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"gml": {"data.augment": "strong"},
                                                 "mbib-gml": {"data.augment": "strong"}}
-
-
 ORDER_CHAIN = ("ce", "bsce", "bib", "mbib")  # the ordering Table 1 shows: CE < BSCE < BIB < MBIB
-
-
 RHO_METHODS = ("bsce", "bib", "mbib")
-
-
 POSTERIOR_METHODS = ("ce", "bsce", "bib", "mbib")
-
-
 BETAS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
-
-
 TAPS = (2, 3, 4, 5, 6, "4x")
-
-
 ANALYSIS_IF = 100.0  # Table 4, Table 5 and Figure 3 are at IF 100
-
-
 NON_RESULT_KEYS = ("runtime.storage_path", "runtime.show_progress")  # may differ between resumed runs
 
 

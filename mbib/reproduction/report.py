@@ -18,8 +18,6 @@ from mbib.reproduction.state import State
 
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
 SHOTS = ("overall", "many", "medium", "few")
-
-
 # Table 1: overall top-1 (%) of ResNet-32 on CIFAR-100-LT, 200 epochs; the paper publishes no shot split there
 PAPER_TABLE1: dict[str, dict[float, float]] = {
     "ce": {100: 38.3, 50: 43.9, 10: 55.7},
@@ -30,12 +28,8 @@ PAPER_TABLE1: dict[str, dict[float, float]] = {
     "mbib": {100: 47.5, 50: 51.2, 10: 60.9},
     "gml": {100: 53.0, 50: 57.6, 10: 65.7},  # GML's own published numbers (Suh & Seo, 2023), not Table 1
 }
-
-
 # Table 4: MBIB overall accuracy (%) at IF 100 by observations: n taps v, or "4x" = x, v1, v2, v3 (4-MBIB(x))
 PAPER_TABLE4 = {2: 45.2, 3: 46.6, 4: 46.9, 5: 46.1, 6: 45.4, "4x": 46.8}
-
-
 # Table 5: rho on the CIFAR-100-LT (IF 100) test set, (many, medium, few, all)
 PAPER_TABLE5 = {
     ("bsce", "v"): (1.26, 1.30, 1.48, 1.34),
@@ -44,8 +38,6 @@ PAPER_TABLE5 = {
     ("mbib", "v"): (1.01, 1.04, 1.31, 1.09),
     ("mbib", "z"): (0.78, 0.86, 1.02, 0.86),
 }
-
-
 PAPER_DATASETS = ("cifar100-lt",)  # the only data set whose paper numbers these are
 
 

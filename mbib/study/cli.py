@@ -19,11 +19,7 @@ from mbib.study.spec import DatasetSpec, StudySpec
 SMOKE_OVERRIDES = {"optim.epochs": 15, "optim.batch_size": 16, "optim.lr": 0.05, "optim.warmup_epochs": 2,
                    "optim.schedule": "cosine", "optim.milestones": "", "optim.milestone_factors": "",
                    "runtime.eval_every": 1, "runtime.cpus_per_worker": 1, "runtime.use_gpu": False}
-
-
 SMOKE_GRACE_EPOCHS = 5  # ASHA's first rung: digits accuracy says little before the warm-up ends
-
-
 SMOKE_SUBSET = {"data.limit_train": 600, "data.limit_test": 1000}  # MNIST-LT and CIFAR: digits-lt's size
 
 
