@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from mbib.config import TrainConfig, apply_overrides
-from mbib.reproduce import METHOD_OVERRIDES
+from mbib.config import TrainConfig, resolve_config
+from mbib.reproduction.grid import METHOD_OVERRIDES
 from mbib.train.engine import Batch, Engine, device_options, load_data
-from mbib.train.schedule import scale_schedule
 
 COMPARE = {  # label -> (method, extra overrides): the GML comparison plus the check of mbib-gml's beta warm-up
     "ce": ("ce", {}),
@@ -43,11 +42,9 @@ COMPARE = {  # label -> (method, extra overrides): the GML comparison plus the c
 
 def config(dataset: str, data_root: str | None, method: str = "mbib", epochs: int = 1, batch: int = 128,
            seed: int = 0, **extra) -> TrainConfig:
-    cfg = apply_overrides(TrainConfig(), {"data.dataset": dataset, "data.data_root": data_root, "loss.method": method,
+    return resolve_config("cifar100-lt", {"data.dataset": dataset, "data.data_root": data_root, "loss.method": method,
                                           "optim.batch_size": batch, "runtime.seed": seed,
-                                          **METHOD_OVERRIDES.get(method, {}), **extra})
-    cfg.optim = scale_schedule(cfg.optim, epochs)
-    return cfg
+                                          **METHOD_OVERRIDES.get(method, {}), **extra}, epochs=epochs)
 
 
 def section_device(device: torch.device) -> dict:

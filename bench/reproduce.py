@@ -3,12 +3,12 @@
     python bench/reproduce.py --epochs 200                      # the paper's CIFAR-100-LT grid
     python bench/reproduce.py --dataset mnist-lt --methods ce,bsce,bib,mbib --ifs 100,10 --epochs 8
 
-See `python bench/reproduce.py --help`; the logic lives in mbib.reproduce.
+See `python bench/reproduce.py --help`; the logic lives in mbib.reproduction.
 """
 
 import sys
 
-from mbib.reproduce import main
+from mbib.reproduction.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

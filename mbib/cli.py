@@ -56,28 +56,13 @@ def _train_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from mbib.config import apply_overrides, preset
-    from mbib.errors import ConfigError
-    from mbib.train.schedule import scale_schedule
+    from mbib.config import parse_sets, resolve_config
 
-    overrides: dict[str, Any] = {}
-    for name, (key, _, _) in TRAIN_FLAGS.items():
-        if getattr(args, name) is not None:
-            overrides[key] = getattr(args, name)
+    overrides: dict[str, Any] = {key: getattr(args, name) for name, (key, _, _) in TRAIN_FLAGS.items()
+                                 if getattr(args, name) is not None and name != "epochs"}  # epochs scale the schedule
     if args.use_gpu is not None:
         overrides["runtime.use_gpu"] = args.use_gpu
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v.strip()
-    cfg = preset(args.preset)
-    if str(overrides.get("data.dataset", "")).lower().startswith("imagefolder:") and \
-            "data.imbalance_factor" not in overrides:  # an image folder is a long-tailed set as it is
-        overrides["data.imbalance_factor"] = None
-    if args.epochs is not None:  # a shorter run keeps the paper's schedule shape: warm-up and milestones scale
-        cfg.optim = scale_schedule(cfg.optim, args.epochs)
-    return apply_overrides(cfg, overrides)
+    return resolve_config(args.preset, {**overrides, **parse_sets(args.overrides)}, epochs=args.epochs)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

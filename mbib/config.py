@@ -7,7 +7,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from mbib.errors import ConfigError
 
@@ -232,3 +232,48 @@ def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` arguments as dotted overrides (typed later by apply_overrides)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}, e.g. --set optim.batch_size=64")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def scale_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    """A shorter (or longer) run keeps the schedule's shape: warm-up, lr milestones and LDAM-DRW's re-weighting
+    epoch (the first lr drop, 160 of 200) move in proportion to the epoch count."""
+    o = cfg.optim
+    ratio = epochs / o.epochs
+    return dataclasses.replace(
+        cfg,
+        optim=dataclasses.replace(o, epochs=epochs, warmup_epochs=o.warmup_epochs * ratio,
+                                  milestones=tuple(max(1, round(m * ratio)) for m in o.milestones)),
+        loss=dataclasses.replace(cfg.loss, drw_epoch=max(1, round(cfg.loss.drw_epoch * ratio))),
+    )
+
+
+def resolve_config(preset_name: str, overrides: Mapping[str, Any] | None = None, *, epochs: int | None = None,
+                   reshape: Mapping[str, Any] | None = None, pin_data_root: bool = False) -> TrainConfig:
+    """The one way a run's settings are made (CLI, studies, reproduction): the preset, then `reshape` (settings
+    that redefine the preset's schedule, e.g. the smoke study's), then `epochs` scaling that schedule, then
+    `overrides` as given; an image folder is used as stored unless an imbalance factor is given; with
+    `pin_data_root` the data root becomes absolute (Ray workers run in other directories)."""
+    cfg = apply_overrides(preset(preset_name), dict(reshape or {}))
+    if epochs is not None:
+        cfg = scale_epochs(cfg, epochs)
+    overrides = dict(overrides or {})
+    if str(overrides.get("data.dataset", "")).lower().startswith("imagefolder:") and \
+            "data.imbalance_factor" not in overrides:  # an image folder is a long-tailed set as it is
+        overrides["data.imbalance_factor"] = None
+    cfg = apply_overrides(cfg, overrides)
+    if pin_data_root:
+        from mbib.data.datasets import pinned_data_root
+
+        cfg.data.data_root = pinned_data_root(cfg.data.data_root)
+    return cfg

@@ -147,10 +147,10 @@ class StudyConsole(Callback):
 
     def _row(self, trial) -> dict[str, Any]:
         if trial.trial_id not in self.rows:
-            from mbib.study import _trial_number  # the number in the trial's folder name, as the summary shows it
+            from mbib.study.results import trial_number  # the number in the trial's folder name, as the summary shows it
 
             path = getattr(trial, "path", None)
-            number = (_trial_number(trial.trial_id, path) if path else 0) or len(self.rows) + 1
+            number = (trial_number(trial.trial_id, path) if path else 0) or len(self.rows) + 1
             self.rows[trial.trial_id] = {"number": number, "state": "pending", "epoch": 0,
                                          "params": {p: trial.config.get(p) for p in self.params}}
         return self.rows[trial.trial_id]

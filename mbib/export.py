@@ -25,14 +25,15 @@ import torch
 from torch import nn
 
 import mbib
-from mbib.checkpoint import atomic_write, checkpoint_file, model_from_checkpoint
+from mbib.checkpoint import atomic_write, model_from_checkpoint
 from mbib.errors import ConfigError, DataError, MBIBError, TrainingError
+from mbib.tracking.registry import resolve_checkpoint
+from mbib.tracking.runs import log_export
 
 OPSET = 18
 TOLERANCE = 1e-4
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probs")
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 class EnsembleClassifier(nn.Module):
@@ -47,25 +48,6 @@ class EnsembleClassifier(nn.Module):
 
         logits = ensemble_logits(self.model(images))
         return logits, torch.softmax(logits, dim=1)
-
-
-def resolve_checkpoint(source: str | os.PathLike, download_dir: str | os.PathLike) -> Path:
-    """A checkpoint path as given, or the checkpoint inside an MLflow model/run artifact URI."""
-    text = str(source)
-    if not text.startswith(MLFLOW_SCHEMES):
-        return checkpoint_file(text)
-    import mlflow
-
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(download_dir)))
-    except Exception as exc:  # MLflow raises several types for unknown names/versions
-        raise ConfigError(f"cannot download {text} from MLflow ({type(exc).__name__}): check the URI and MLFLOW_TRACKING_URI") from None
-    if local.is_file():
-        return local
-    found = sorted(local.rglob("checkpoint.pt")) or sorted(local.rglob("*.pt"))
-    if len(found) != 1:
-        raise ConfigError(f"{text} holds {len(found)} checkpoint files, expected one checkpoint.pt: log the checkpoint as an artifact of the registered model")
-    return found[0]
 
 
 def load_parity_images(data_spec: dict[str, Any], count: int, images: torch.Tensor | None = None,
@@ -133,28 +115,6 @@ def _parity(onnx_bytes: bytes, wrapper: nn.Module, images: torch.Tensor) -> dict
         "top1_agreement": float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
         "output_shapes": {"logits": list(logits.shape), "probs": list(probs.shape)},
     }
-
-
-def log_to_mlflow(onnx_path: Path, report: dict[str, Any], tracking_uri: str | None = None,
-                  experiment: str | None = None) -> str | None:
-    """Log the ONNX file and its parity report to the active MLflow run, or to a new run at tracking_uri."""
-    import mlflow
-
-    if mlflow.active_run() is None and not tracking_uri:
-        return None
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.active_run() is not None:
-        run_context = contextlib.nullcontext(mlflow.active_run())
-    else:
-        if experiment:
-            mlflow.set_experiment(experiment)
-        run_context = mlflow.start_run(run_name=f"export-{onnx_path.stem}")
-    with run_context as run:
-        mlflow.log_artifact(str(onnx_path), artifact_path="onnx")
-        mlflow.log_dict(report, "onnx/parity_report.json")
-        mlflow.log_metric("onnx_max_abs_diff_logits", report["max_abs_diff_logits"])
-        return run.info.run_id
 
 
 def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.PathLike, *,
@@ -226,7 +186,7 @@ def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.P
     atomic_write(target, lambda fh: fh.write(final))
     report["onnx_path"] = str(target)
     report["onnx_sha256"] = hashlib.sha256(final).hexdigest()
-    report["mlflow_run_id"] = log_to_mlflow(target, report, mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+    report["mlflow_run_id"] = log_export(target, report, mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
                                             mlflow_experiment)
     return report
 

@@ -6,7 +6,8 @@
 
 import sys
 
-from mbib.study import DatasetSpec, study_main
+from mbib.study.cli import study_main
+from mbib.study.spec import DatasetSpec
 
 DATASETS = [DatasetSpec(f"cifar100-lt-if{f}", {"data.dataset": "cifar100-lt", "data.imbalance_factor": f})
             for f in (100, 50, 10)]

@@ -5,7 +5,8 @@
 
 import sys
 
-from mbib.study import DatasetSpec, study_main
+from mbib.study.cli import study_main
+from mbib.study.spec import DatasetSpec
 
 DATASETS = [DatasetSpec("imagenet-lt", {"data.dataset": "imagenet-lt"})]
 

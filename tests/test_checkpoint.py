@@ -8,7 +8,7 @@ from mbib.checkpoint import (FORMAT, check_compatible, load_checkpoint, load_wei
                              save_checkpoint)
 from mbib.errors import TrainingError
 from mbib.models import build_model
-from mbib.study import kept_checkpoint
+from mbib.tracking.registry import kept_checkpoint
 
 SPEC10 = {"name": "resnet32", "num_classes": 10, "options": {"head": "mbib"}}
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from mbib.config import TrainConfig, apply_overrides, preset
+from mbib.config import TrainConfig, apply_overrides, preset, resolve_config, scale_epochs
 from mbib.errors import ConfigError
 from mbib.train.engine import DeviceOptions, device_options
-from mbib.train.schedule import lr_factor, scale_schedule
+from mbib.train.schedule import lr_factor
 
 
 def test_cifar_preset_is_section_4_2():
@@ -91,8 +91,64 @@ def test_cosine_schedule_values():
 
 
 def test_scaled_schedule_moves_milestones_in_proportion():
-    o = scale_schedule(preset("cifar100-lt").optim, 20)
+    c = scale_epochs(preset("cifar100-lt"), 20)
+    o = c.optim
     assert (o.epochs, o.warmup_epochs, o.milestones) == (20, 0.5, (16, 18))
+    assert c.loss.drw_epoch == 16  # LDAM-DRW re-weights from the first lr drop, scaled like it
+
+
+def _scaled_to_30(cfg: TrainConfig) -> bool:
+    return (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.loss.drw_epoch) == (30, 0.75, (24, 27), 24)
+
+
+def test_one_resolver_scales_a_30_epoch_study_cli_run_and_reproduction():
+    """`--epochs 30` means the same schedule everywhere: warm-up 5 -> 0.75, milestones 160/180 -> 24/27, DRW 160 -> 24
+    (a study once kept 160/180, so a short study's learning rate never decayed)."""
+    import runpy
+    from pathlib import Path
+
+    from mbib.reproduction import grid
+    from mbib.study.cli import study_parser, study_spec
+
+    cifar_grid = runpy.run_path(str(Path(__file__).parents[1] / "studies" / "cifar_grid.py"))
+    args = study_parser("studies/cifar_grid.py", "").parse_args(["--epochs", "30", "--set", "optim.lr=0.05"])
+    spec = study_spec(args, name="cifar100-lt-mbib", preset_name="cifar100-lt", datasets=cifar_grid["DATASETS"],
+                      num_samples=24, max_concurrent=8, gpus_per_trial=0.25)
+    study_cfg = spec.base_config(spec.datasets[0])
+    assert _scaled_to_30(study_cfg) and study_cfg.optim.lr == 0.05 and study_cfg.data.imbalance_factor == 100
+
+    cli_cfg = _cli_config(["train", "--epochs", "30", "--method", "ldam-drw"])
+    assert _scaled_to_30(cli_cfg) and cli_cfg.loss.method == "ldam-drw"
+    assert _scaled_to_30(grid.base_config(grid.Plan("cifar100-lt", 30, 0, ("ce",), (100.0,), {})))
+    # explicit settings win as given over the scaled schedule
+    assert resolve_config("cifar100-lt", {"optim.milestones": "10,20"}, epochs=30).optim.milestones == (10, 20)
+
+
+def test_smoke_study_epochs_scale_the_smoke_schedule():
+    from mbib.study.cli import study_parser, study_spec
+
+    args = study_parser("s", "").parse_args(["--smoke", "--epochs", "30"])
+    spec = study_spec(args, name="s", preset_name="cifar100-lt", datasets=[], num_samples=1, max_concurrent=1,
+                      gpus_per_trial=0.0)
+    o = spec.base_config(spec.datasets[-1]).optim
+    assert (o.epochs, o.warmup_epochs, o.schedule, o.milestones) == (30, 4.0, "cosine", ())  # a sixth of the run
+
+
+def test_image_folders_are_used_as_stored_unless_an_imbalance_factor_is_given():
+    assert resolve_config("cifar100-lt", {"data.dataset": "imagefolder:/x"}).data.imbalance_factor is None
+    assert resolve_config("cifar100-lt", {"data.dataset": "imagefolder:/x", "data.imbalance_factor": 8}
+                          ).data.imbalance_factor == 8
+    assert _cli_config(["train", "--dataset", "imagefolder:/x"]).data.imbalance_factor is None
+
+
+def _cli_config(argv: list[str]) -> TrainConfig:
+    import argparse
+
+    from mbib.cli import _train_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    _train_parser(parser.add_subparsers(dest="command"))
+    return config_from_args(parser.parse_args(argv))
 
 
 def test_device_options_gate_gpu_paths():

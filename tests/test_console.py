@@ -8,7 +8,7 @@ import pytest
 from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
 from mbib import console
-from mbib.study import DatasetOutcome, TrialRow
+from mbib.study.results import DatasetOutcome, TrialRow
 
 CLEANER_TRACEBACK = ["Exception in thread Thread-2 (_monitor_loop):", "Traceback (most recent call last):",
                      "  File \"placement_group_cleaner.py\", line 80, in _monitor_loop",

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mbib import reproduce
+from mbib.reproduction.cli import main as reproduce_main
 from mbib.config import TrainConfig, apply_overrides
 from mbib.train.fit import InjectedFault
 from mbib.train.plain import run_plain
@@ -34,7 +34,7 @@ def test_continued_run_equals_uninterrupted(tmp_path):
 
 def test_plain_grid_writes_report_state_and_analyses(tmp_path, capsys):
     out = tmp_path / "out"
-    code = reproduce.main(["--dataset", "digits-lt", "--methods", "bsce,mbib", "--ifs", "10", "--epochs", "1",
+    code = reproduce_main(["--dataset", "digits-lt", "--methods", "bsce,mbib", "--ifs", "10", "--epochs", "1",
                            "--runner", "plain", "--out", str(out), "--set", "data.limit_train=64",
                            "--set", "data.limit_test=40", "--set", "optim.batch_size=32"])
     assert code == 0

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mbib import reproduce
+from mbib.errors import ConfigError
+from mbib.reproduction import grid
+from mbib.reproduction.report import NOTES_START
+from mbib.reproduction.state import State
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
 METHODS, IFS = ("ce", "bib"), ("10",)  # one IF keeps the suite short; the grid code loops the same way
@@ -63,7 +66,7 @@ def test_grid_report_holds_every_cell_and_rerun_skips_them(ray_local, tmp_path, 
     assert len(children) == 2 and len(runs) == 3
 
     # notes written by hand survive regeneration; a rerun trains nothing
-    report_path.write_text(report.replace(reproduce.NOTES_START + "\n", reproduce.NOTES_START + "\nmy notes\n"))
+    report_path.write_text(report.replace(NOTES_START + "\n", NOTES_START + "\nmy notes\n"))
     capsys.readouterr()
     assert run_script(tmp_path, monkeypatch) == 0
     printed = capsys.readouterr().out
@@ -86,28 +89,28 @@ def test_grid_report_holds_every_cell_and_rerun_skips_them(ray_local, tmp_path, 
 
 
 def test_changed_settings_refuse_to_mix_with_a_finished_grid(tmp_path):
-    plan = reproduce.Plan("digits-lt", 1, 0, ("ce",), (10.0,), {})
-    reproduce.State(tmp_path / "s.json", plan.settings()).save()
-    other = reproduce.Plan("digits-lt", 2, 0, ("ce",), (10.0,), {})
-    with pytest.raises(reproduce.ConfigError, match="other settings"):
-        reproduce.State(tmp_path / "s.json", other.settings())
+    plan = grid.Plan("digits-lt", 1, 0, ("ce",), (10.0,), {})
+    State(tmp_path / "s.json", plan.settings()).save()
+    other = grid.Plan("digits-lt", 2, 0, ("ce",), (10.0,), {})
+    with pytest.raises(ConfigError, match="other settings"):
+        State(tmp_path / "s.json", other.settings())
 
 
 def test_plan_reuses_grid_cells_and_names_files():
-    plan = reproduce.Plan("cifar100-lt", 200, 0, ("bib", "mbib"), (100.0,), {}, rho=True, beta_ablation=True,
+    plan = grid.Plan("cifar100-lt", 200, 0, ("bib", "mbib"), (100.0,), {}, rho=True, beta_ablation=True,
                           taps_ablation=True)
-    keys = [c.key for c in reproduce.plan_cells(plan)]
+    keys = [c.key for c in grid.plan_cells(plan)]
     assert len(keys) == len(set(keys))
     # beta = 5 is the default, so Figure 3's beta-5 points are the grid cells; rho adds BSCE at IF 100
     assert "beta/bib/beta5" not in keys and "grid/bsce/IF100" in keys
     assert len(keys) == 2 + 1 + 2 * 5 + 6  # Table 4: 2..6 taps and 4-MBIB(x)
     assert plan.tag == "reproduction-cifar100-lt-200ep"
-    assert reproduce.Plan("npz:/d/my set.npz", 8, 0, ("ce",), (10.0,), {}).tag == "reproduction-my_set-8ep"
-    base = reproduce.base_config(reproduce.Plan("mnist-lt", 20, 0, ("ce",), (10.0,), {}))
+    assert grid.Plan("npz:/d/my set.npz", 8, 0, ("ce",), (10.0,), {}).tag == "reproduction-my_set-8ep"
+    base = grid.base_config(grid.Plan("mnist-lt", 20, 0, ("ce",), (10.0,), {}))
     assert base.optim.milestones == (16, 18) and base.optim.warmup_epochs == pytest.approx(0.5)
     assert base.loss.drw_epoch == 16  # LDAM-DRW re-weights from the first lr drop, scaled like it
-    two = dict(reproduce.taps_cell(2).overrides)
+    two = dict(grid.taps_cell(2).overrides)
     assert two["loss.a"] == 0.0 and two["model.num_taps"] == 2
-    assert dict(reproduce.taps_cell(4).overrides)["loss.a"] == 0.3
-    with_x = reproduce.cell_config(plan, reproduce.base_config(plan), reproduce.taps_cell("4x"))
+    assert dict(grid.taps_cell(4).overrides)["loss.a"] == 0.3
+    with_x = grid.cell_config(plan, grid.base_config(plan), grid.taps_cell("4x"))
     assert with_x.model.input_tap and with_x.model.num_taps == 3 and with_x.loss.a == 0.3

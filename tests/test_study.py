@@ -46,7 +46,9 @@ def smoke(tmp_path_factory):
 
 
 def test_smoke_study_logs_parent_child_runs_plots_and_registers(smoke):
-    from mbib.study import SEARCH_SPACE, load_registered_checkpoint, smoke_datasets
+    from mbib.study.cli import smoke_datasets
+    from mbib.study.spec import SEARCH_SPACE
+    from mbib.tracking.registry import load_registered_checkpoint
     from mbib.checkpoint import model_from_checkpoint
 
     out = (smoke / "driver.log").read_text()
@@ -80,7 +82,7 @@ def _tpe_proposals(seed, n):
     """What a seeded TPE sampler proposes after the enqueued paper point (its start-up phase samples at random)."""
     import optuna
 
-    from mbib.study import SEARCH_SPACE
+    from mbib.study.spec import SEARCH_SPACE
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     study.enqueue_trial({"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0})
@@ -91,7 +93,7 @@ def _tpe_proposals(seed, n):
 
 @pytest.mark.timeout(1500)  # two study drivers one after the other, 2-epoch trials
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
-    from mbib.study import smoke_datasets  # digits, + MNIST-LT when the data root has it
+    from mbib.study.cli import smoke_datasets  # digits, + MNIST-LT when the data root has it
 
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
@@ -168,12 +170,12 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_
 nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
 os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{sys.argv[2]}"
 ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}})
-from mbib import study
-spec = study.StudySpec(name="c", preset="cifar100-lt", datasets=study.smoke_datasets()[-1:],
-                       overrides=dict(study.SMOKE_OVERRIDES, **{"optim.epochs": 1, "data.limit_train": 64}),
+from mbib.study import cli, search, spec as study_spec
+spec = study_spec.StudySpec(name="c", preset="cifar100-lt", datasets=cli.smoke_datasets()[-1:],
+                       overrides=dict(cli.SMOKE_OVERRIDES, **{"optim.epochs": 1, "data.limit_train": 64}),
                        num_samples=2, max_concurrent=2, storage_path=sys.argv[1] + "/runs",
                        tracking_uri=f"sqlite:///{sys.argv[1]}/mlflow.db")
-out = study.run_study(spec)
+out = search.run_study(spec)
 print("NODES", json.dumps({"workers": [r.worker_nodes for r in out[0].rows],
                            "cluster": [n.node_id for n in nodes]}))
 """
@@ -196,7 +198,9 @@ def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
     ("no state", "has no experiment_state"), ("fresh run over it", "already exists")])
 def test_resume_over_a_corrupt_or_foreign_state_is_one_line_and_touches_nothing(tmp_path, damage, expected):
     from mbib.errors import ConfigError
-    from mbib.study import SMOKE_OVERRIDES, DatasetSpec, StudySpec, run_study
+    from mbib.study.cli import SMOKE_OVERRIDES
+    from mbib.study.search import run_study
+    from mbib.study.spec import DatasetSpec, StudySpec
 
     ds = DatasetSpec("digits-lt-if10", {"data.dataset": "digits-lt", "data.imbalance_factor": 10})
     spec = StudySpec(name="t", preset="cifar100-lt", datasets=[ds], overrides=dict(SMOKE_OVERRIDES), num_samples=1,
@@ -272,7 +276,8 @@ def test_cluster_files_validate_against_rays_schema_and_ship_this_checkout(name)
 def test_trials_stopped_early_reach_optuna_as_pruned_not_complete():
     from optuna.trial import TrialState
 
-    from mbib.study import TrialRow, best_row, make_searcher
+    from mbib.study.results import TrialRow, best_row
+    from mbib.study.search import make_searcher
 
     s = make_searcher({"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}, max_epochs=10, seed=0)
     assert s.suggest("stopped") == {"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}

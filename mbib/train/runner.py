@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +13,12 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from mbib import tracking
-from mbib.checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint
+from mbib.tracking import runs
+from mbib.checkpoint import CHECKPOINT_FILE, atomic_write
 from mbib.config import TrainConfig
 from mbib.data.datasets import pinned_data_root, pinned_dataset
 from mbib.errors import ConfigError, MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
-from mbib.storelock import LockPatientClient
 from mbib.train.engine import load_data
 from mbib.train.loop import train_loop_per_worker
 
@@ -44,14 +42,12 @@ class MLflowReportCallback(ray.train.UserCallback):
         # its last checkpoint, and MLflow would keep both values of a step
 
     def after_report(self, run_context, metrics, checkpoint):
-        from mlflow.tracking import MlflowClient
-
         m = metrics[0]
         epoch = int(m.get("epoch", 0))
         if epoch in self.logged:  # the replay recomputes the same values (resume is exact): keep the first
             return
         try:
-            tracking.log_metrics(LockPatientClient(MlflowClient(self.uri)), self.run_id, m, step=epoch)
+            runs.log_epoch(self.uri, self.run_id, m, epoch)
             self.logged.add(epoch)
         except Exception as exc:  # a tracking hiccup must never kill the training run
             logging.getLogger(__name__).warning("MLflow logging failed at epoch %s: %s", m.get("epoch"), exc)
@@ -143,19 +139,8 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
     ensure_ray()
     client = run_id = uri = None
     if track:
-        from mlflow.tracking import MlflowClient
-
         uri = tracking.tracking_uri(tracking_uri)
-        tracking.check_reachable(uri)
-        client = LockPatientClient(MlflowClient(uri))  # a second writer on a SQLite store: wait, not die
-        exp_id = tracking.get_or_create_experiment(client, cfg.experiment)
-        tags = {"mlflow.runName": cfg.run_name}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run_id = client.create_run(exp_id, tags=tags).info.run_id
-        tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": len(data.classes),
-                                             "train_images": sum(data.class_counts)})
-        tracking.log_dataset(client, run_id, Path(cfg.data.dataset).stem, cfg.data)
+        client, run_id = runs.start_training_run(uri, cfg, len(data.classes), sum(data.class_counts), parent_run_id)
     callbacks = [*([MLflowReportCallback(uri, run_id)] if track else []), *(callbacks or [])]
     try:
         result = build_trainer(cfg, callbacks).fit()
@@ -176,24 +161,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
         best_ckpt = Path(ckpt.path) / CHECKPOINT_FILE
     outcome = TrainOutcome(metrics, best_metrics, best_ckpt, Path(result.path), run_id, uri)
     if client is not None:
-        log_final_artifacts(client, run_id, outcome)
+        runs.log_final_artifacts(client, run_id, best_ckpt, best_metrics)
         client.set_terminated(run_id, "FINISHED")
     return outcome
 
-
-def log_final_artifacts(client, run_id: str, outcome: TrainOutcome) -> None:
-    """Best checkpoint, per-class accuracy vs class size (PNG) and confusion statistics (JSON)."""
-    if outcome.best_checkpoint is None:
-        return
-    state = load_checkpoint(outcome.best_checkpoint)
-    ds = state["data_spec"]
-    summary = tracking.confusion_summary(state["confusion"], ds["classes"], ds["class_counts"])
-    final = {f"final_{k}": v for k, v in outcome.best_metrics.items() if k in ("acc", "many", "medium", "few")}
-    tracking.log_metrics(client, run_id, final, step=int(outcome.best_metrics.get("epoch", 0)))
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(outcome.best_checkpoint, Path(tmp) / CHECKPOINT_FILE)
-        client.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE), artifact_path="best_checkpoint")
-        png = tracking.per_class_plot([c["accuracy"] for c in summary["per_class"]], ds["class_counts"],
-                                      Path(tmp) / "per_class_accuracy.png")
-        client.log_artifact(run_id, str(png), artifact_path="plots")
-        client.log_artifact(run_id, str(tracking.write_json(summary, Path(tmp) / "confusion.json")))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from mbib.config import OptimConfig
@@ -23,17 +22,6 @@ def lr_factor(epoch: float, optim: OptimConfig) -> float:
         if epoch >= milestone:
             factor = f  # Cao et al.'s factors are absolute (x0.01, then x0.0001), not cumulative
     return factor
-
-
-def scale_schedule(optim: OptimConfig, epochs: int) -> OptimConfig:
-    """A shorter (or longer) run: warm-up and milestones move in proportion to the epoch count."""
-    ratio = epochs / optim.epochs
-    return dataclasses.replace(
-        optim,
-        epochs=epochs,
-        warmup_epochs=optim.warmup_epochs * ratio,
-        milestones=tuple(max(1, round(m * ratio)) for m in optim.milestones),
-    )
 
 
 def ramp(step: float, total: float) -> float:

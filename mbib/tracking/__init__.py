@@ -1,4 +1,9 @@
-"""MLflow tracking: a local SQLite store by default, one writer at a time, plots as PNG artifacts."""
+"""MLflow tracking, every write of it: a local SQLite store by default, one writer at a time.
+
+This module: the store (URI, reachability, experiments) and the batched writes every run uses. trials: a study's
+parent and child runs; registry: registering a study's best checkpoint and resolving models:/ and runs:/ URIs to a
+checkpoint.pt (export uses it); runs: a training run, the reproduction's parent run and an export's record.
+"""
 
 from __future__ import annotations
 
@@ -92,29 +97,6 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=items[i:i + 100])
-
-
-def per_class_plot(per_class_acc: Sequence[float], class_counts: Sequence[int], path: str | Path,
-                   title: str = "per-class accuracy vs training-set size") -> Path:
-    """Accuracy of each class against its number of training images (log x), the long-tail picture."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.scatter(class_counts, per_class_acc, s=14, alpha=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("training images in class")
-    ax.set_ylabel("test accuracy (%)")
-    ax.axvline(20, color="grey", lw=0.8, ls="--")
-    ax.axvline(100, color="grey", lw=0.8, ls="--")
-    ax.set_title(title)
-    ax.set_ylim(-2, 102)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
 
 
 def confusion_summary(confusion, classes: Sequence[str], class_counts: Sequence[int], top: int = 3) -> dict:

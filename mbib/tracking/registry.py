@@ -1,0 +1,112 @@
+"""The model registry: a study registers its best trial's checkpoint.pt; `resolve_checkpoint` turns a path or an
+MLflow URI (models:/NAME/VERSION, runs:/..., mlflow-artifacts:/...) into a local checkpoint.pt (study and export)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from mbib import tracking
+from mbib.checkpoint import CHECKPOINT_FILE, checkpoint_file, load_checkpoint
+from mbib.errors import ConfigError, TrainingError
+
+if TYPE_CHECKING:
+    from mbib.study.results import TrialRow
+
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, model_name: str) -> str:
+    """Log the best trial's checkpoint.pt on its child run and register it; once per parent run."""
+    import ray.train
+
+    from mbib.tracking.trials import find_child_runs
+
+    done = client.get_run(parent_id).data.tags.get("mbib.registered_version")
+    if done:
+        return done
+    if not best.checkpoint_path:
+        raise TrainingError(f"best trial {best.trial_id} has no checkpoint: check runtime.eval_every and storage")
+    child = find_child_runs(client, experiment_id, parent_id, best.trial_id)
+    run_id = child[0].info.run_id if child else parent_id
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(ray.train.Checkpoint(kept_checkpoint(best.checkpoint_path)).to_directory(tmp)) / CHECKPOINT_FILE
+        client.log_artifact(run_id, str(local), artifact_path="model")
+    if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
+        client.create_registered_model(model_name, description="best checkpoint of an mbib study (checkpoint.pt)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(model_name, source=source, run_id=run_id,
+                                          tags={"trial_id": best.trial_id, "acc": f"{best.acc:.3f}"}).version
+    client.set_tag(parent_id, "mbib.registered_model", model_name)
+    client.set_tag(parent_id, "mbib.registered_version", str(version))
+    return str(version)
+
+
+def kept_checkpoint(path: str) -> str:
+    """The best report's checkpoint, or, when Ray's num_to_keep broke an accuracy tie the other way and deleted
+    it (or a killed writer left it partial), the readable sibling with the highest accuracy (later on ties)."""
+    local = Path(path)
+    if "://" in path or _checkpoint_acc(local / CHECKPOINT_FILE) is not None:
+        return path
+    kept = [(acc, k) for k in sorted(local.parent.glob("epoch_*/" + CHECKPOINT_FILE))
+            if (acc := _checkpoint_acc(k)) is not None]
+    if not kept:
+        raise TrainingError(f"no readable checkpoint left under {local.parent}: was the run's storage deleted?")
+    return str(max(enumerate(kept), key=lambda ik: (ik[1][0], ik[0]))[1][1].parent)
+
+
+def _checkpoint_acc(path: Path) -> float | None:
+    """The checkpoint's accuracy, or None when it is missing or unreadable (a partial epoch_* folder)."""
+    try:
+        return float(load_checkpoint(path).get("metrics", {}).get("acc", -1.0))
+    except TrainingError:
+        return None
+
+
+def load_registered_checkpoint(name: str, version: str | int = "latest", tracking_uri: str | None = None,
+                               dst_path: str | os.PathLike | None = None) -> Path:
+    """Download a registered study model and return its checkpoint.pt (what `mbib export models:/NAME/V` reads)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking.tracking_uri(tracking_uri)
+    if str(version) == "latest":
+        try:  # resolve through a client on `uri`: models:/ URIs alone would go to the process-wide registry
+            client = MlflowClient(uri, registry_uri=uri)
+            version = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        except Exception as exc:  # MLflow raises several types for unknown names
+            raise ConfigError(f"cannot load models:/{name}/latest from {uri} ({type(exc).__name__}): "
+                              "check the name and --tracking-uri") from None
+    return resolve_checkpoint(f"models:/{name}/{version}", dst_path or tempfile.mkdtemp(prefix="mbib-model-"), uri)
+
+
+def resolve_checkpoint(source: str | os.PathLike, download_dir: str | os.PathLike,
+                       tracking_uri: str | None = None) -> Path:
+    """A checkpoint path as given, or the one checkpoint inside an MLflow model/run artifact URI, downloaded from
+    `tracking_uri` (None: MLflow's process-wide store, as `mlflow.set_tracking_uri` or $MLFLOW_TRACKING_URI set it)."""
+    text = str(source)
+    if not text.startswith(MLFLOW_SCHEMES):
+        return checkpoint_file(text)
+    import mlflow
+
+    where = f" from {tracking_uri}" if tracking_uri else " from MLflow"
+    try:
+        if tracking_uri and text.startswith("models:/"):  # models:/ alone would go to the process-wide registry
+            from mlflow.tracking import MlflowClient
+
+            name, version = text[len("models:/"):].rsplit("/", 1)
+            text = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(download_dir),
+                                                         tracking_uri=tracking_uri))
+    except Exception as exc:  # MLflow raises several types for unknown names and versions
+        raise ConfigError(f"cannot download {source}{where} ({type(exc).__name__}): check the URI and "
+                          f"{'--tracking-uri' if tracking_uri else 'MLFLOW_TRACKING_URI'}") from None
+    if local.is_file():
+        return local
+    found = sorted(local.rglob(CHECKPOINT_FILE)) or sorted(local.rglob("*.pt"))
+    if len(found) != 1:
+        raise ConfigError(f"{source} holds {len(found)} checkpoint files, expected one {CHECKPOINT_FILE}: log the "
+                          "checkpoint as an artifact of the registered model")
+    return found[0]
