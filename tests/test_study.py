@@ -91,22 +91,24 @@ def _tpe_proposals(seed, n):
     return [study.ask(fixed_distributions=dists).params for _ in range(n)]
 
 
-@pytest.mark.timeout(1500)  # two study drivers one after the other, 2-epoch trials
+@pytest.mark.timeout(1500)  # two study drivers one after the other, 4-epoch trials
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     from mbib.study.cli import smoke_datasets  # digits, + MNIST-LT when the data root has it
 
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
-    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", "2")
+    epochs = 4  # a kill lands mid-trial: small trials run an epoch in about a second
+    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", str(epochs))
     proc = _driver(tmp_path, *args)
     # kill once Tune has recorded one finished trial and the next one has reported (and checkpointed) an epoch
-    while proc.poll() is None and not _in_flight_trial_dirs(tmp_path):
+    while proc.poll() is None and not _in_flight_trial_dirs(tmp_path, epochs):
         time.sleep(0.5)
     assert proc.poll() is None, "the study finished before it could be killed: " + (tmp_path / "driver.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished, in_flight = _finished_trial_dirs(tmp_path), _in_flight_trial_dirs(tmp_path)
-    assert finished and in_flight
+    finished, in_flight = _finished_trial_dirs(tmp_path), _in_flight_trial_dirs(tmp_path, epochs)
+    assert finished and in_flight, "no trial was stopped part-way: " + str(_trial_states(tmp_path))
+    done_at_kill = {d: _epochs_reported(d)[-1] for d in in_flight}
     lines_before = {d: (d / "result.json").read_text().count("\n") for d in finished}
     exp = client.get_experiment_by_name("t")
     ended = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
@@ -126,12 +128,16 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
         assert (d / "result.json").read_text().count("\n") == n
     for tid, end in ended.items():
         assert next(r for r in kids if r.data.tags["mbib.trial_id"] == tid).info.end_time == end
-    for d in in_flight:  # the interrupted trial went on from its epoch-0 checkpoint: epoch 1 was not trained twice
+    for d, k in done_at_kill.items():  # the interrupted trial went on from a checkpoint: no epoch trained twice
         kid = next(r for r in kids if r.data.tags["mbib.trial_id"] in d.name)
-        assert kid.info.status == "FINISHED" and kid.data.metrics["epochs_done"] == 2
-        # the process that trained epoch 2 started at epoch index 1; a trial redone from scratch would say 0
-        history = {m.step: m.value for m in client.get_metric_history(kid.info.run_id, "started_at_epoch")}
-        assert history == {1: 0, 2: 1}, history
+        assert kid.info.status == "FINISHED" and kid.data.metrics["epochs_done"] == epochs
+        # each epoch's report says where its process started: 0 before the kill, the checkpoint's epoch after it
+        # (k epochs had been reported; a trial redone from scratch would say 0 again)
+        history = {int(m.step): m.value for m in client.get_metric_history(kid.info.run_id, "started_at_epoch")}
+        assert sorted(history) == list(range(1, epochs + 1)), history
+        assert all(history[s] == 0 for s in range(1, k + 1)), (k, history)
+        resumed_at = {history[s] for s in range(k + 1, epochs + 1)}
+        assert len(resumed_at) == 1 and 1 <= resumed_at.pop() <= k, (k, history)
 
 
 def _trial_states(tmp_path):
@@ -152,13 +158,24 @@ def _finished_trial_dirs(tmp_path):
     return [d for d, status in _trial_states(tmp_path) if status == "TERMINATED"]
 
 
-def _in_flight_trial_dirs(tmp_path):
-    """Running trials with a result on disk, once another trial has finished."""
+def _epochs_reported(trial_dir) -> list[int]:
+    path = trial_dir / "result.json"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    out = []
+    for line in lines:
+        try:
+            out.append(int(json.loads(line)["epochs_done"]))
+        except (ValueError, KeyError):  # a line caught mid-write
+            pass
+    return out
+
+
+def _in_flight_trial_dirs(tmp_path, epochs: int):
+    """Running trials that have reported some but not all epochs, once another trial has finished."""
     states = _trial_states(tmp_path)
     if not any(status == "TERMINATED" for _, status in states):
         return []
-    return [d for d, status in states if status == "RUNNING" and (d / "result.json").is_file()
-            and (d / "result.json").read_text().strip()]
+    return [d for d, status in states if status == "RUNNING" and 1 <= (_epochs_reported(d) or [0])[-1] < epochs]
 
 
 CLUSTER_SCRIPT = r"""
