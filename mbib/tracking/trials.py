@@ -89,11 +89,14 @@ class MLflowTrialLogger(tune.Callback):
             run = self.client.create_run(self.experiment_id, tags={  # names start with what tells runs apart
                 "mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"#{number} {self.dataset_key}",
                 TAG_TRIAL: tid, TAG_DATASET: self.dataset_key})
-            cfg = trial_train_config(trial.config)
+            self._logged[tid] = 0
+        # a run found again may lack what a server lost right after create_run kept from it: add that now
+        cfg = trial_train_config(trial.config)
+        if not found or not run.data.params:
             tracking.log_params(self.client, run.info.run_id,
                                 {**{k: trial.config[k] for k in SEARCH_SPACE}, **cfg.flat()})
+        if not found or not run.inputs.dataset_inputs:
             tracking.log_dataset(self.client, run.info.run_id, self.dataset_key, cfg.data)
-            self._logged[tid] = 0
         self._runs[tid] = run.info.run_id
         return run.info.run_id
 
