@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 
+from mbib.data.datasets import same_dataset
 from mbib.errors import TrainingError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -101,15 +102,6 @@ def check_compatible(state: dict[str, Any], model_spec: dict[str, Any], dataset:
     if theirs[0] != model_spec or (theirs[1] is not None and not same_dataset(theirs[1], dataset)):
         raise TrainingError(f"checkpoint {where} was made for {describe(*theirs)}, but this run is "
                             f"{describe(model_spec, dataset)}: pick a matching checkpoint, or another run name")
-
-
-def same_dataset(a: str, b: str) -> bool:
-    """Data set names match; a file or folder data set (npz:PATH, imagefolder:PATH) by its prefix and last path
-    part, so a run continued on another machine, where the same data lies in another folder, is accepted."""
-    def key(name: str) -> str:
-        prefix, sep, path = name.strip().partition(":")
-        return f"{prefix.lower()}:{PurePath(path).name}" if sep and prefix.lower() in ("npz", "imagefolder") else name
-    return key(a) == key(b)
 
 
 def model_from_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):

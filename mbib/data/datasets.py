@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 NAMES = ("cifar100-lt", "cifar10-lt", "mnist-lt", "digits-lt", "npz:PATH", "imagefolder:PATH")
 IMAGEFOLDER = "imagefolder:"
+PATH_PREFIXES = ("npz:", IMAGEFOLDER)  # data sets named by the path of their file or folder
 
 
 @dataclass
@@ -72,10 +73,19 @@ def pinned_data_root(data_root: str | os.PathLike | None) -> str | None:
 
 def pinned_dataset(name: str) -> str:
     """"npz:PATH" and "imagefolder:PATH" with PATH made absolute, for workers in other working directories."""
-    for prefix in ("npz:", IMAGEFOLDER):
+    for prefix in PATH_PREFIXES:
         if name.strip().lower().startswith(prefix):
             return prefix + str(Path(name.strip()[len(prefix):]).expanduser().resolve())
     return name
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Data set names match; one named by a path (npz:PATH, imagefolder:PATH) by its prefix and the path's last
+    part, so a run continued on another machine, where the same data lies in another folder, is accepted."""
+    def key(name: str) -> str:
+        prefix = next((p for p in PATH_PREFIXES if name.strip().lower().startswith(p)), None)
+        return prefix + PurePath(name.strip()[len(prefix):]).name if prefix else name
+    return key(a) == key(b)
 
 
 def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalance_factor: float | None = 100,
@@ -102,7 +112,7 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalanc
         raw = read_digits()
     else:
         raise ConfigError(f"unknown data set '{name}': choose one of {', '.join(NAMES)}")
-    keep_name = name.strip() if key.startswith(("npz:", IMAGEFOLDER)) else key
+    keep_name = name.strip() if key.startswith(PATH_PREFIXES) else key
     return build_longtail(raw, keep_name, imbalance_factor, seed, stats)
 
 

@@ -68,7 +68,7 @@ def device_options(device: torch.device, amp: bool, channels_last: bool, bf16_ok
     return DeviceOptions(device, torch.bfloat16 if amp and bf16_ok else None, False, channels_last)
 
 
-COMPILE_MIN_STEPS = 5000  # at the ~10% torch.compile saves per step (bench/train_throughput.py), ~40x its compile time
+COMPILE_MIN_STEPS = 5000  # at the 7-10% torch.compile saved per step here (bench/train_throughput.py): minutes for seconds
 
 
 def compiler_available(device: torch.device) -> bool:
