@@ -161,15 +161,13 @@ def main(argv=None) -> dict:
     engine = Engine(cfg, data, device)  # a 200-epoch run: the engine decides on compile as `mbib train` would
     eager = Engine(apply_overrides(cfg, {"runtime.compile": False}), data, device)
     k = len(engine.classes)
-    first_call: dict[str, float] = {}  # seconds of each step's first call: compiles happen there
     steps = {}
     for name, (cl, dt, c) in limit_candidates(device, args.compile and compiler_available(device)).items():
         steps[name] = bare_step_fn(device, k, args.batch_size, cl, dt, c)
     batches, eager_batches = endless(lambda: engine.epoch_batches(0)), endless(lambda: eager.epoch_batches(0))
     steps["product"] = lambda: engine.train_step(next(batches))
     steps["product_eager"] = lambda: eager.train_step(next(eager_batches))
-    for name, fn in steps.items():
-        first_call[name] = time_steps(fn, 1)
+    first_call = {name: time_steps(fn, 1) for name, fn in steps.items()}  # compiles happen in each first call
     for fn in steps.values():  # warm-up: allocator, kernels, oneDNN primitive caches
         time_steps(fn, 2)
     rates: dict[str, list[float]] = {name: [] for name in steps}
@@ -181,8 +179,7 @@ def main(argv=None) -> dict:
     limit_name = max((n for n in med if not n.startswith("product")), key=med.get)
     e2e_cfg = apply_overrides(cfg, {"runtime.compile": engine.compiled})  # as a 200-epoch run, though it is short
     e2e = end_to_end(e2e_cfg, args.epochs, args.eval_every, args.storage) if args.epochs > 1 else {"images_per_s": None}
-    step_s = {n: args.batch_size / v for n, v in med.items()}
-    compile_s = first_call["product"] - step_s["product"] if engine.compiled else 0.0
+    compile_s = first_call["product"] - args.batch_size / med["product"] if engine.compiled else 0.0
     result = {
         "images_per_s": {"limit": med[limit_name], "product": med["product"], "end_to_end": e2e["images_per_s"]},
         "ratio_product_over_limit": med["product"] / med[limit_name],
