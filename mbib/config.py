@@ -35,18 +35,25 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    """The method and its loss settings. A setting left None is the method's own paper default, registered beside
+    its loss (mbib.losses; e.g. m = 0.1 for BIB / MBIB, 0 for BSCE): one config drives every method, and a
+    value set here reaches every method that takes it."""
+
     method: str = "mbib"
-    beta: float = 5.0  # Appendix J's value; the paper searches {0..5}
-    a: float = 0.1  # Eq. 11, weight of BIB(v1, z)
-    b: float = 0.3  # Eq. 11, weight of BIB(v2, z)
-    m: float = 0.1  # Eq. 7 exponent
-    gamma: float = 0.0  # VSD temperature exponent, T_i = (n_max / n_i)^gamma
-    drw_epoch: int = 160  # LDAM-DRW: epoch at which deferred re-weighting starts
+    beta: float | None = None  # Eq. 9 / 12, weight of the VSD loss (Appendix J: 5)
+    a: float | None = None  # Eq. 11, weight of BIB(v1, z) (Sec. 4.2: 0.1)
+    b: float | None = None  # Eq. 11, weight of BIB(v2, z) (Sec. 4.2: 0.3)
+    m: float | None = None  # Eq. 7 exponent (Sec. 4.2: 0.1; BSCE: 0)
+    gamma: float | None = None  # VSD temperature exponent, T_i = (n_max / n_i)^gamma (CIFAR: 0)
+    weighted_mean: str | None = None  # BSC batch mean: "weights" (Appendix J) or "batch" (Eq. 5-7 read literally)
+    focal_gamma: float | None = None  # focal loss exponent (Cao et al.'s baseline: 1)
+    tau: float | None = None  # la: logit adjustment strength (Menon et al.: 1)
+    gml_weight: float | None = None  # GML methods: weight of the contrastive term (con + con_T); the authors use 1
+    drw_epoch: int = 160  # LDAM-DRW: epoch at which deferred re-weighting starts (the schedule's first lr drop)
     # beta ramps linearly from 0 over this many epochs (None: the lr warm-up's length; 0: Appendix J exactly).
     # Not in the paper: without it a VSD teacher that is still random collapses z on short schedules.
     vsd_warmup_epochs: float | None = None
     gml_views: int = 3  # GML methods: 3 augmented views (classifier, query, key) as published, or 1 shared view
-    gml_weight: float = 1.0  # GML methods: weight of the contrastive term (con + con_T); the authors use 1
 
 
 @dataclass
@@ -180,7 +187,8 @@ def validate(cfg: TrainConfig) -> None:
         (o.lr > 0, "optim.lr must be > 0"),
         (o.schedule in ("step", "cosine"), "optim.schedule must be 'step' or 'cosine'"),
         (len(o.milestones) == len(o.milestone_factors), "optim.milestones and optim.milestone_factors need equal lengths"),
-        (min(loss.beta, loss.a, loss.b, loss.m, loss.gamma) >= 0, "loss.beta, a, b, m and gamma must be >= 0"),
+        (all(v is None or v >= 0 for v in (loss.beta, loss.a, loss.b, loss.m, loss.gamma, loss.focal_gamma, loss.tau)),
+         "loss.beta, a, b, m, gamma, focal_gamma and tau must be >= 0"),
         (rt.num_workers >= 1, "runtime.num_workers must be >= 1"),
         (rt.eval_every >= 1, "runtime.eval_every must be >= 1"),
         (cfg.data.imbalance_factor is None or cfg.data.imbalance_factor >= 1,
@@ -194,7 +202,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _cifar100_lt() -> TrainConfig:
-    return TrainConfig()  # the dataclass defaults are Section 4.2's CIFAR-100-LT settings
+    return TrainConfig()  # the dataclass defaults (and each method's registered ones) are Section 4.2's CIFAR-100-LT settings
 
 
 def _imagenet_lt(arch: str, lr: float, batch: int) -> TrainConfig:

@@ -5,6 +5,7 @@ import torch
 
 from mbib.config import TrainConfig, apply_overrides, preset, resolve_config, scale_epochs
 from mbib.errors import ConfigError
+from mbib.train.build import build_task, loss_settings, model_spec
 from mbib.train.engine import DeviceOptions, device_options
 from mbib.train.schedule import lr_factor
 
@@ -14,7 +15,32 @@ def test_cifar_preset_is_section_4_2():
     assert (c.model.arch, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == ("resnet32", 0.1, 0.9, 3e-4)
     assert (c.optim.batch_size, c.optim.epochs, c.optim.warmup_epochs) == (128, 200, 5)
     assert c.optim.milestones == (160, 180) and c.optim.milestone_factors == (0.01, 0.0001)
-    assert (c.loss.a, c.loss.b, c.loss.m, c.loss.gamma) == (0.1, 0.3, 0.1, 0.0)
+    got = loss_settings(c)  # the loss settings come from the method's registry entry unless the config sets them
+    assert (got["beta"], got["a"], got["b"], got["m"], got["gamma"], got["weighted_mean"]) == (5.0, 0.1, 0.3, 0.1, 0.0, "weights")
+
+
+@pytest.mark.parametrize("method,m", [("bsce", 0.0), ("bsce-mlp", 0.0), ("bib", 0.1), ("mbib", 0.1), ("ce", None)])
+def test_each_method_keeps_its_own_default(method, m):
+    """The bug this guards: the config's m = 0.1 used to reach BSCE, giving Ren et al.'s loss Eq. 7's weights."""
+    cfg = apply_overrides(preset("cifar100-lt"), {"loss.method": method})
+    assert loss_settings(cfg)["m"] == m
+    if m is not None:
+        crit = build_task(cfg, model_spec(cfg, 3), [500, 100, 10]).criterion
+        assert (crit.weights.max() - crit.weights.min() > 0.1) == (m > 0)  # Eq. 7 weights differ only when m > 0
+
+
+def test_a_set_value_reaches_every_method_that_takes_it():
+    for method, key, value, attr in [("bsce", "m", 0.2, None), ("focal", "focal_gamma", 2.0, "focal_gamma"),
+                                     ("la", "tau", 0.5, "tau"), ("mbib", "weighted_mean", "batch", "weighted_mean")]:
+        cfg = apply_overrides(preset("cifar100-lt"), {"loss.method": method, f"loss.{key}": value})
+        assert loss_settings(cfg)[key] == value
+        crit = build_task(cfg, model_spec(cfg, 3), [500, 100, 10]).criterion
+        if attr:
+            assert getattr(crit, attr) == value
+        else:  # m = 0.2: Eq. 7 weights (n_max / n_i)^0.2 up to a common factor
+            assert crit.weights[2] / crit.weights[0] == pytest.approx(50 ** 0.2, rel=1e-5)
+    with pytest.raises(ConfigError, match="focal_gamma and tau must be >= 0"):
+        apply_overrides(TrainConfig(), {"loss.tau": -1})
 
 
 @pytest.mark.parametrize("name,arch,lr,batch,wd,epochs", [
@@ -27,7 +53,7 @@ def test_large_presets(name, arch, lr, batch, wd, epochs):
     c = preset(name)
     assert (c.model.arch, c.optim.lr, c.optim.batch_size, c.optim.weight_decay, c.optim.epochs) == \
         (arch, lr, batch, wd, epochs)
-    assert c.optim.schedule == "cosine" and c.loss.gamma == 0.5
+    assert c.optim.schedule == "cosine" and c.loss.gamma == 0.5 and loss_settings(c)["gamma"] == 0.5
 
 
 def test_overrides_are_typed_and_checked():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mbib.config import TrainConfig, apply_overrides, resolve_config
+from mbib.losses import method_defaults
 
 
 EXPERIMENT = "reproduction"
@@ -73,7 +74,7 @@ def grid_cell(method: str, imbalance_factor: float) -> Cell:
 
 
 def beta_cell(method: str, beta: float) -> Cell:
-    if beta == TrainConfig().loss.beta:
+    if beta == method_defaults(method)["beta"]:
         return grid_cell(method, ANALYSIS_IF)  # the grid already trains the default beta
     return Cell(f"beta/{method}/beta{beta:g}", method, ANALYSIS_IF, (("loss.beta", beta),))
 

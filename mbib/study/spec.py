@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mbib.config import TrainConfig, apply_overrides, resolve_config
+from mbib.train.build import loss_settings
 
 SEARCH_SPACE: dict[str, tuple[float, float]] = {  # the paper's ranges (Sec. 4.2, Fig. 3-4)
     "beta": (0.0, 5.0), "a": (0.0, 1.0), "b": (0.0, 1.0), "m": (0.0, 0.5), "gamma": (0.0, 1.0)}
@@ -51,7 +52,8 @@ class StudySpec:
 
 def paper_point(cfg: TrainConfig) -> dict[str, float]:
     """The preset's (paper's) loss settings: beta=5, a=0.1, b=0.3, m=0.1, gamma=0 (CIFAR) / 0.5 (ImageNet, iNat)."""
-    return {k: float(getattr(cfg.loss, k)) for k in SEARCH_SPACE}
+    settings = loss_settings(cfg)
+    return {k: float(settings[k]) for k in SEARCH_SPACE}
 
 
 def trial_train_config(config: dict[str, Any]) -> TrainConfig:

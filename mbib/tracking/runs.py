@@ -12,6 +12,7 @@ from typing import Any
 from mbib import plots, tracking
 from mbib.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from mbib.storelock import LockPatientClient
+from mbib.train.build import loss_settings
 
 
 def start_training_run(uri: str, cfg, num_classes: int, train_images: int, parent_run_id: str | None = None):
@@ -25,7 +26,8 @@ def start_training_run(uri: str, cfg, num_classes: int, train_images: int, paren
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(exp_id, tags=tags).info.run_id
-    tracking.log_params(client, run_id, {**cfg.flat(), "num_classes": num_classes, "train_images": train_images})
+    loss = {f"loss.{k}": v for k, v in loss_settings(cfg).items()}  # what the criterion got, defaults resolved
+    tracking.log_params(client, run_id, {**cfg.flat(), **loss, "num_classes": num_classes, "train_images": train_images})
     tracking.log_dataset(client, run_id, Path(cfg.data.dataset).stem, cfg.data)
     return client, run_id
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from mbib.config import TrainConfig
 from mbib.errors import ConfigError
-from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion, method_task
+from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion, method_defaults, method_task
 from mbib.models import build_model
 from mbib.train.task import Task
 
@@ -27,10 +27,21 @@ def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     return {"name": cfg.model.arch, "num_classes": num_classes, "options": options}
 
 
+# LossConfig field -> the criterion keyword it sets (the names the registry's defaults use)
+LOSS_FIELDS = {"beta": "beta", "a": "a", "b": "b", "m": "m", "gamma": "gamma", "weighted_mean": "weighted_mean",
+               "focal_gamma": "focal_gamma", "tau": "tau", "gml_weight": "con_weight", "drw_epoch": "drw_epoch"}
+
+
 def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:
-    loss = cfg.loss
-    return {"beta": loss.beta, "a": loss.a, "b": loss.b, "m": loss.m, "gamma": loss.gamma, "drw_epoch": loss.drw_epoch,
-            "con_weight": loss.gml_weight}
+    """The loss settings the config sets (None fields stay the method's registered defaults)."""
+    return {key: getattr(cfg.loss, name) for name, key in LOSS_FIELDS.items() if getattr(cfg.loss, name) is not None}
+
+
+def loss_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Every loss setting by its config name, as the method's criterion gets it: the config's value, else the
+    method's default; None where the method takes no such setting."""
+    defaults, chosen = method_defaults(cfg.loss.method), criterion_hparams(cfg)
+    return {name: chosen.get(key, defaults.get(key)) if key in defaults else None for name, key in LOSS_FIELDS.items()}
 
 
 def build_task(cfg: TrainConfig, spec: dict[str, Any], class_counts) -> Task:
