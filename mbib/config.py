@@ -46,6 +46,7 @@ class LossConfig:
     m: float | None = None  # Eq. 7 exponent (Sec. 4.2: 0.1; BSCE: 0)
     gamma: float | None = None  # VSD temperature exponent, T_i = (n_max / n_i)^gamma (CIFAR: 0)
     weighted_mean: str | None = None  # BSC batch mean: "weights" (Appendix J) or "batch" (Eq. 5-7 read literally)
+    vsd_logits: str | None = None  # VSD on the "raw" head logits (Appendix J) or the "adjusted" f + log n, g + log n
     focal_gamma: float | None = None  # focal loss exponent (Cao et al.'s baseline: 1)
     tau: float | None = None  # la: logit adjustment strength (Menon et al.: 1)
     gml_weight: float | None = None  # GML methods: weight of the contrastive term (con + con_T); the authors use 1
@@ -67,6 +68,7 @@ class OptimConfig:
     schedule: str = "step"  # "step" (Cao et al.) or "cosine" (to 0)
     milestones: tuple[int, ...] = (160, 180)
     milestone_factors: tuple[float, ...] = (0.01, 0.0001)  # lr x0.01 at 160 and x0.0001 at 180
+    head_weight_decay: float | None = None  # the classifier heads' weight decay (None: weight_decay, as the paper)
 
 
 @dataclass
@@ -187,6 +189,7 @@ def validate(cfg: TrainConfig) -> None:
         (o.lr > 0, "optim.lr must be > 0"),
         (o.schedule in ("step", "cosine"), "optim.schedule must be 'step' or 'cosine'"),
         (len(o.milestones) == len(o.milestone_factors), "optim.milestones and optim.milestone_factors need equal lengths"),
+        (o.head_weight_decay is None or o.head_weight_decay >= 0, "optim.head_weight_decay must be >= 0"),
         (all(v is None or v >= 0 for v in (loss.beta, loss.a, loss.b, loss.m, loss.gamma, loss.focal_gamma, loss.tau)),
          "loss.beta, a, b, m, gamma, focal_gamma and tau must be >= 0"),
         (rt.num_workers >= 1, "runtime.num_workers must be >= 1"),

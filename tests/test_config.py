@@ -200,3 +200,16 @@ def test_cpu_workers_share_the_cluster_cpus():
     assert worker_cpus(None, use_gpu=False, num_workers=4, cluster_cpus=2) == 1
     assert worker_cpus(None, use_gpu=True, num_workers=2, cluster_cpus=32) == 1
     assert worker_cpus(0.5, use_gpu=False, num_workers=1, cluster_cpus=2) == 0.5  # as asked
+
+
+def test_head_weight_decay_applies_to_the_classifier_heads_only():
+    cfg = apply_overrides(preset("cifar100-lt"), {"optim.head_weight_decay": 0.0})
+    task = build_task(cfg, model_spec(cfg, 3), [500, 100, 10])
+    groups = task.param_groups()
+    heads = {id(p) for p in task.network.heads.parameters()}
+    own = [g for g in groups if g.get("weight_decay") == 0.0]
+    assert len(own) == 1 and {id(p) for p in own[0]["params"]} == heads and len(heads) == 8  # v1..v3, z: weight, bias
+    rest = [p for g in groups if "weight_decay" not in g for p in g["params"]]
+    assert rest and not heads & {id(p) for p in rest}  # backbone and bottleneck keep optim.weight_decay
+    default = build_task(preset("cifar100-lt"), model_spec(cfg, 3), [500, 100, 10]).param_groups()
+    assert len(default) == 1  # unset: one group, every weight at optim.weight_decay (the paper)

@@ -158,6 +158,18 @@ def test_vsd_kl_by_hand(gamma):
     assert float(vsd_loss(t(V), t(V), temps)) == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_vsd_on_adjusted_logits_by_hand(gamma):
+    """vsd_logits="adjusted" (an investigation switch): KL between softmax((f + log n) / T) and softmax((g + log n) / T)."""
+    crit = build_criterion("bib", COUNTS, gamma=gamma, vsd_logits="adjusted")
+    _, terms = crit({"v3": t(V), "z": t(Z)}, LABELS)
+    shift = lambda rows: [[x + math.log(c) for x, c in zip(row, COUNTS)] for row in rows]  # noqa: E731
+    assert float(terms["vsd_v3"]) == pytest.approx(hand_kl(shift(V), shift(Z), hand_temps(COUNTS, gamma)), rel=1e-5)
+    raw = build_criterion("bib", COUNTS, gamma=gamma)({"v3": t(V), "z": t(Z)}, LABELS)[1]
+    assert abs(float(raw["vsd_v3"]) - float(terms["vsd_v3"])) > 1e-3  # unequal counts: the two differ
+    assert float(raw["bsc_v3"]) == float(terms["bsc_v3"])  # the BSC terms do not depend on it
+
+
 def test_temperature_changes_vsd():
     no_t = float(vsd_loss(t(V), t(Z), torch.ones(3)))
     with_t = float(vsd_loss(t(V), t(Z), torch.tensor(hand_temps(COUNTS, 0.5))))
@@ -375,7 +387,7 @@ def test_criterion_matches_functional_and_caches_constants():
 
 def test_defaults_follow_the_paper():
     assert method_defaults("mbib") == {"beta": 5.0, "m": 0.1, "gamma": 0.0, "weighted_mean": "weights",
-                                       "logit_adjust": True, "a": 0.1, "b": 0.3}
+                                       "logit_adjust": True, "vsd_logits": "raw", "a": 0.1, "b": 0.3}
     assert method_defaults("ldam-drw")["drw_epoch"] == 160
 
 

@@ -70,10 +70,11 @@ class BIBCriterion(Criterion):
 
     def __init__(self, method: str, head: str, class_counts: Tensor, *, wiring: str, beta: float, m: float,
                  gamma: float, a: float = 0.0, b: float = 0.0, weighted_mean: str = "weights",
-                 logit_adjust: bool = True) -> None:
+                 logit_adjust: bool = True, vsd_logits: str = "raw") -> None:
         super().__init__(method, head, class_counts)
         self.wiring = L.check_choice("wiring", wiring, L.WIRINGS)
         self.weighted_mean = L.check_choice("weighted_mean", weighted_mean, L.WEIGHTED_MEANS)
+        self.vsd_logits = L.check_choice("vsd_logits", vsd_logits, L.VSD_LOGITS)
         self.a, self.b, self.beta = (L.check_nonnegative(n, v) for n, v in (("a", a), ("b", b), ("beta", beta)))
         consts = L.class_constants(class_counts, m, gamma, logit_adjust)
         self.register_buffer("log_prior", consts.log_prior, persistent=False)
@@ -88,7 +89,8 @@ class BIBCriterion(Criterion):
         pairs = L.bib_pairs(taps, self.a, self.b, self.wiring)
         keys = sorted({k for pair in pairs for k in pair[:2]})
         consts = L.ClassConstants(self.log_prior, self.weights, self.temperature)
-        return L.mixture_terms(self.logits(outputs, keys), labels, consts, pairs, self.beta, self.weighted_mean)
+        return L.mixture_terms(self.logits(outputs, keys), labels, consts, pairs, self.beta, self.weighted_mean,
+                               self.vsd_logits)
 
 
 class SingleHeadCriterion(Criterion):
@@ -153,7 +155,8 @@ def _bib_family(method: str, head: str, wiring: str, fixed: Mapping[str, Any]) -
     return factory
 
 
-_BIB = {"beta": L.DEFAULT_BETA, "m": 0.1, "gamma": 0.0, "weighted_mean": "weights", "logit_adjust": True}
+_BIB = {"beta": L.DEFAULT_BETA, "m": 0.1, "gamma": 0.0, "weighted_mean": "weights", "logit_adjust": True,
+        "vsd_logits": "raw"}
 _MBIB = {**_BIB, "a": 0.1, "b": 0.3}  # Sec. 4.2: a = 0.1, b = 0.3, m = 0.1 on all datasets
 
 register_method("ce", "plain", partial(SingleHeadCriterion, "ce", "plain", kind="ce"))

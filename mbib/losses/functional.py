@@ -13,10 +13,14 @@ Where the paper's text and its Appendix J code differ, Appendix J is the default
    neither multiplies the KL by T^2 (as Hinton-style distillation would); we do the same, no switch.
 4. Appendix J evaluates p_T * log(p_T), which is 0 * -inf = NaN once a teacher probability underflows
    to 0; we take log_softmax and exponentiate it, the same value without the NaN.
-5. The VSD loss is a plain batch mean in both (not class weighted); we follow that. With
+5. Which logits VSD compares is not said in the text; Appendix J passes the raw head outputs f and g (switch
+   ``vsd_logits``: "raw", default) whose softmax is the balanced posterior the BSC loss leaves them with;
+   "adjusted" compares softmax(f + log n) and softmax(g + log n), the training-distribution posteriors each
+   BSC loss fits (an investigation switch, not the paper's).
+6. The VSD loss is a plain batch mean in both (not class weighted); we follow that. With
    ``reduction="none"`` Appendix J still returns a batch-mean VSD added to per-sample BSC losses;
    we only offer batch means.
-6. Logit adjustment (Eq. 4/23) adds log n_i; Appendix J adds log of the counts too. Adding log d_i
+7. Logit adjustment (Eq. 4/23) adds log n_i; Appendix J adds log of the counts too. Adding log d_i
    instead shifts every logit by -log N and leaves the softmax unchanged.
 """
 
@@ -33,6 +37,7 @@ from torch import Tensor
 from mbib.errors import ConfigError
 
 WEIGHTED_MEANS = ("weights", "batch")
+VSD_LOGITS = ("raw", "adjusted")
 WIRINGS = ("bib", "mbib", "se", "all")
 DEFAULT_BETA = 5.0  # Appendix J hard-codes beta = 5; Sec. 4.2 picks beta from {0..5} per dataset
 
@@ -216,6 +221,7 @@ def mixture_terms(
     pairs: Sequence[tuple[str, str, float]],
     beta: float,
     weighted_mean: str,
+    vsd_logits: str = "raw",
 ) -> dict[str, Tensor]:
     """Unweighted parts of every BIB term and their weighted sum as "total"."""
     terms: dict[str, Tensor] = {}
@@ -225,7 +231,8 @@ def mixture_terms(
         for key in (teacher, student):
             if key not in bsc:
                 bsc[key] = balanced_ce(outputs[key], labels, consts, weighted_mean)  # Eq. 5/6
-        vsd = vsd_loss(outputs[teacher], outputs[student], consts.temperature)  # Eq. 8 / Eq. 13
+        shift = consts.log_prior if vsd_logits == "adjusted" else 0.0  # module docstring, item 5
+        vsd = vsd_loss(outputs[teacher] + shift, outputs[student] + shift, consts.temperature)  # Eq. 8 / Eq. 13
         parts = (bsc[teacher], bsc[student], vsd)
         terms.update(zip(pair_term_names(teacher, student), parts))
         weighted = weight * bib_total(*parts, beta)  # Eq. 11: a, b or 1 times Loss_BIB(v_i, z)

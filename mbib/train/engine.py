@@ -9,6 +9,7 @@ matrix) switch on with world_size > 1.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -170,6 +171,8 @@ class Engine:
         if self.compiled:  # the training forward only: evaluation and the saved weights stay the task's modules
             # static shapes: the epoch's last, smaller batch gets a graph of its own rather than slower dynamic ones
             self.step_module = torch.compile(self.step_module, dynamic=False)
+            if self.device.type == "cpu":  # inductor's C++ build warns "No CUDA runtime is found" on CPU machines
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
     @property
     def local_batch(self) -> int:

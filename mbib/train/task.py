@@ -31,6 +31,7 @@ class Task:
         self.network = network  # the classifier that is evaluated, exported and served: checkpoint key "model"
         self.train_module = self.wrap(network)  # the network plus any training-only parts: key "train_module"
         self.criterion = criterion
+        self.head_weight_decay = cfg.optim.head_weight_decay
 
     def wrap(self, network: nn.Module) -> nn.Module:
         """The module the optimiser trains; a method with training-only parts wraps the network here."""
@@ -63,10 +64,14 @@ class Task:
         return self.criterion(outputs, batch.y)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The trained weights and the loss's learnable parameters; those the criterion names undecayed."""
+        """The trained weights and the loss's learnable parameters; those the criterion names undecayed, the
+        network's classifier heads at optim.head_weight_decay when set."""
         params = list(self.train_module.parameters()) + [p for p in self.criterion.parameters() if p.requires_grad]
         no_decay = {id(p) for p in self.criterion.no_weight_decay_params()}
-        groups = [{"params": [p for p in params if id(p) not in no_decay]},
+        heads = getattr(self.network, "heads", None)
+        own_decay = {id(p) for p in heads.parameters()} if heads is not None and self.head_weight_decay is not None else set()
+        groups = [{"params": [p for p in params if id(p) not in no_decay | own_decay]},
+                  {"params": [p for p in params if id(p) in own_decay], "weight_decay": self.head_weight_decay},
                   {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
