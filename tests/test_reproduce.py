@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mbib.errors import ConfigError
 from mbib.reproduction import grid
-from mbib.reproduction.report import NOTES_START
+from mbib.reproduction.report import NOTES_START, loss_line
 from mbib.reproduction.state import State
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
@@ -114,3 +114,13 @@ def test_plan_reuses_grid_cells_and_names_files():
     assert dict(grid.taps_cell(4).overrides)["loss.a"] == 0.3
     with_x = grid.cell_config(plan, grid.base_config(plan), grid.taps_cell("4x"))
     assert with_x.model.input_tap and with_x.model.num_taps == 3 and with_x.loss.a == 0.3
+
+
+def test_report_names_each_methods_loss_settings():
+    """BSCE trains without Eq. 7 weights (Ren et al.), MBIB with Sec. 4.2's; a --set value reaches both."""
+    plan = grid.Plan("cifar100-lt", 200, 0, ("bsce", "mbib", "ce"), (100.0,), {})
+    line = loss_line(plan, grid.base_config(plan))
+    assert line.startswith("bsce m 0, weighted_mean weights; mbib beta 5, a 0.1, b 0.3, m 0.1, gamma 0,")
+    assert line.endswith("; ce none")
+    plan = grid.Plan("cifar100-lt", 200, 0, ("bsce", "mbib"), (100.0,), {"loss.m": "0.2"})
+    assert loss_line(plan, grid.base_config(plan)).count("m 0.2") == 2

@@ -15,6 +15,7 @@ from mbib.reproduction.grid import (ANALYSIS_IF, APPENDIX_J_CELL, BETAS, EXPERIM
                                     POSTERIOR_METHODS, RHO_METHODS, TAPS, Cell, Plan, base_config, beta_cell, carry_path,
                                     grid_cell, plan_cells, taps_cell)
 from mbib.reproduction.state import State
+from mbib.train.build import loss_settings
 
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
 SHOTS = ("overall", "many", "medium", "few")
@@ -180,6 +181,17 @@ def taps_section(plan: Plan, state: State) -> list[str]:
             "input image's GAP (model.input_tap) as the shallowest observation, with weight a."]
 
 
+def loss_line(plan: Plan, base) -> str:
+    """Each method's loss settings as its criterion gets them, e.g. "bsce m 0; mbib beta 5, a 0.1, ..."."""
+    out = []
+    for method in plan.methods:
+        cfg = apply_overrides(base, {"loss.method": method, **plan.overrides})
+        got = {k: v for k, v in loss_settings(cfg).items() if v is not None and k != "drw_epoch"}
+        out.append(f"{method} " + (", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in got.items()) or "none"))
+    return "; ".join(out)
+
+
 def write_report(plan: Plan, state: State, path: Path) -> Path:
     base = apply_overrides(base_config(plan), plan.overrides)
     o = base.optim
@@ -202,6 +214,7 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
              f"- Schedule: {settings_line}.",
              f"- Extra settings (`--set`): {overrides}. GML rows use strong augmentation (AutoAugment + Cutout), "
              "as GML publishes; every other method uses crop + flip.",
+             f"- Loss settings each method trains with (its paper defaults unless `--set`): {loss_line(plan, base)}.",
              f"- Cells finished: {len(recs)}; total training wall time {sum(r['wall_s'] for r in recs) / 60:.1f} min.",
              *(f"- Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, torch {m['torch']}, "
                f"device {m['device']}." for m in state.data["machines"]),
