@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mbib.config import TrainConfig, resolve_config
-from mbib.reproduction.grid import METHOD_OVERRIDES
+from mbib.losses import method_recipe
 from mbib.train.engine import Batch, Engine, device_options, load_data
 
 COMPARE = {  # label -> (method, extra overrides): the GML comparison plus the check of mbib-gml's beta warm-up
@@ -44,7 +44,7 @@ def config(dataset: str, data_root: str | None, method: str = "mbib", epochs: in
            seed: int = 0, **extra) -> TrainConfig:
     return resolve_config("cifar100-lt", {"data.dataset": dataset, "data.data_root": data_root, "loss.method": method,
                                           "optim.batch_size": batch, "runtime.seed": seed,
-                                          **METHOD_OVERRIDES.get(method, {}), **extra}, epochs=epochs)
+                                          **method_recipe(method), **extra}, epochs=epochs)
 
 
 def section_device(device: torch.device) -> dict:

@@ -306,6 +306,7 @@ def logits_and_features(model: nn.Module, x):
     return {k: model.heads[k](r) for k, r in feats.items()}, feats
 
 
+GML_RECIPE = {"data.augment": "strong"}  # GML's published results use AutoAugment + Cutout
 GML_DEFAULTS = {  # the authors' CIFAR settings
     "queue_size": 4096, "base_k": 2, "dim": 32, "sup_temperature": 1.0 / 30.0, "init_temperature": 0.1,
     "per_class_temperature": True, "sup_weight": 1.0, "con_weight": 1.0, "kd_weight": 1.0,
@@ -445,10 +446,10 @@ def _mbib_gml_factory(class_counts, **hparams) -> GMLCriterion:
 def register_gml_methods() -> None:
     """Add "gml" and "mbib-gml" to the method registry (mbib.losses); run on import, idempotent."""
     register_method("gml", "plain", _gml_factory, GML_DEFAULTS, GML_METHODS["gml"][2],
-                    task=partial(GMLTask, feature=GML_METHODS["gml"][1]))
+                    task=partial(GMLTask, feature=GML_METHODS["gml"][1]), recipe=GML_RECIPE)
     mbib_gml = {**method_defaults("mbib"), **{k: v for k, v in GML_DEFAULTS.items() if k not in ("sup_weight", "kd_weight")}}
     register_method("mbib-gml", "mbib", _mbib_gml_factory, mbib_gml, GML_METHODS["mbib-gml"][2],
-                    task=partial(GMLTask, feature=GML_METHODS["mbib-gml"][1]))
+                    task=partial(GMLTask, feature=GML_METHODS["mbib-gml"][1]), recipe=GML_RECIPE)
 
 
 def build_gml_model(name: str, num_classes: int, method: str = "gml", teacher: nn.Module | None = None,

@@ -316,3 +316,12 @@ def test_two_ddp_ranks_share_one_queue_and_temperature(tmp_path):
     assert torch.equal(a["keys"], b["keys"]) and torch.equal(a["index"], b["index"])
     assert (a["index"] >= 0).sum().item() == 16  # 2 steps x 2 ranks x 4 images, gathered into both queues
     assert torch.equal(a["log_t"], b["log_t"]) and a["checksum"] == b["checksum"]
+
+
+def test_gml_brings_its_published_recipe_and_reproductions_apply_it():
+    from mbib.losses import method_recipe
+    from mbib.reproduction.grid import grid_cell
+
+    assert method_recipe("gml") == method_recipe("mbib-gml") == {"data.augment": "strong"}  # AutoAugment + Cutout
+    assert method_recipe("mbib") == {} and dict(grid_cell("mbib", 100.0).overrides) == {}
+    assert dict(grid_cell("gml", 100.0).overrides) == {"data.augment": "strong"}

@@ -30,6 +30,7 @@ class MethodSpec:
     defaults: Mapping[str, Any]
     model_options: Mapping[str, Any] = field(default_factory=dict)
     task: TaskFactory = Task
+    recipe: Mapping[str, Any] = field(default_factory=dict)  # config settings of the method's published results
 
 
 _SPECS: dict[str, MethodSpec] = {}
@@ -38,16 +39,19 @@ METHOD_MODEL_OPTIONS: dict[str, dict[str, Any]] = {}  # method -> build_model op
 
 
 def register_method(name: str, head: str, factory: Factory, defaults: Mapping[str, Any] | None = None,
-                    model_options: Mapping[str, Any] | None = None, task: TaskFactory = Task) -> None:
+                    model_options: Mapping[str, Any] | None = None, task: TaskFactory = Task,
+                    recipe: Mapping[str, Any] | None = None) -> None:
     """Add a method: ``factory(class_counts: float64 Tensor [K], **hparams) -> Criterion`` receives the
     method's ``defaults`` overridden by the caller's values for those names; ``model_options`` are extra
     build_model options (besides head) the method's model needs; ``task(cfg, network, criterion)`` builds
-    what the engine trains (mbib.train.task.Task: plain classification)."""
+    what the engine trains (mbib.train.task.Task: plain classification); ``recipe`` the dotted config settings
+    its published numbers were trained with beyond the paper's (e.g. GML's strong augmentation), which
+    reproductions apply."""
     if head not in HEADS:
         raise ConfigError(f"head {head!r} of method {name!r} is unknown; use one of {', '.join(HEADS)}")
     if name in _SPECS and _SPECS[name].factory is not factory:
         raise ConfigError(f"loss method {name!r} is already registered; pick another name")
-    _SPECS[name] = MethodSpec(head, factory, dict(defaults or {}), dict(model_options or {}), task)
+    _SPECS[name] = MethodSpec(head, factory, dict(defaults or {}), dict(model_options or {}), task, dict(recipe or {}))
     METHODS[name] = head
     METHOD_MODEL_OPTIONS[name] = {"head": head, **(model_options or {})}
 
@@ -55,6 +59,11 @@ def register_method(name: str, head: str, factory: Factory, defaults: Mapping[st
 def method_defaults(method: str) -> dict[str, Any]:
     """The hyperparameters ``method`` takes, with their defaults."""
     return dict(_spec(method).defaults)
+
+
+def method_recipe(method: str) -> dict[str, Any]:
+    """The dotted config settings ``method``'s published results use beyond the paper's setup."""
+    return dict(_spec(method).recipe)
 
 
 def method_task(method: str) -> TaskFactory:

@@ -8,16 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from mbib.config import TrainConfig, apply_overrides, resolve_config
-from mbib.losses import method_defaults
+from mbib.losses import method_defaults, method_recipe
 
 
 EXPERIMENT = "reproduction"
 DEFAULT_METHODS = ("ce", "focal", "bsce", "ldam-drw", "bib", "mbib", "gml", "mbib-gml")
 DEFAULT_IFS = (100.0, 50.0, 10.0)
 PAPER_EPOCHS = 200
-# GML's published results use AutoAugment + Cutout; the other methods use the paper's crop + flip
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"gml": {"data.augment": "strong"},
-                                                "mbib-gml": {"data.augment": "strong"}}
 ORDER_CHAIN = ("ce", "bsce", "bib", "mbib")  # the ordering Table 1 shows: CE < BSCE < BIB < MBIB
 RHO_METHODS = ("bsce", "bib", "mbib")
 POSTERIOR_METHODS = ("ce", "bsce", "bib", "mbib")
@@ -70,7 +67,7 @@ def if_label(imbalance_factor: float) -> str:
 
 def grid_cell(method: str, imbalance_factor: float) -> Cell:
     return Cell(f"grid/{method}/{if_label(imbalance_factor)}", method, imbalance_factor,
-                tuple(sorted(METHOD_OVERRIDES.get(method, {}).items())))
+                tuple(sorted(method_recipe(method).items())))  # e.g. GML's strong augmentation
 
 
 def beta_cell(method: str, beta: float) -> Cell:
