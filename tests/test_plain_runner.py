@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from mbib.reproduction import run
 from mbib.reproduction.cli import main as reproduce_main
 from mbib.config import TrainConfig, apply_overrides
 from mbib.train.fit import InjectedFault
@@ -32,8 +33,13 @@ def test_continued_run_equals_uninterrupted(tmp_path):
     assert done.metrics["param_checksum"] == again.metrics["param_checksum"]
 
 
-def test_plain_grid_writes_report_state_and_analyses(tmp_path, capsys):
+def test_plain_grid_writes_report_state_and_analyses(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    seen = []  # the report as each cell starts: a grid killed mid-cell has the cells before it in its report
+    real = run.train_cell
+    report_path = out / "reproduction-digits-lt-1ep.md"
+    monkeypatch.setattr(run, "train_cell", lambda *a, **k: (seen.append(
+        report_path.read_text() if report_path.is_file() else ""), real(*a, **k))[1])
     code = reproduce_main(["--dataset", "digits-lt", "--methods", "bsce,mbib", "--ifs", "10", "--epochs", "1",
                            "--runner", "plain", "--out", str(out), "--set", "data.limit_train=64",
                            "--set", "data.limit_test=40", "--set", "optim.batch_size=32"])
@@ -45,3 +51,4 @@ def test_plain_grid_writes_report_state_and_analyses(tmp_path, capsys):
     assert mbib["analysis"]["heads"]["f+g"]["acc"] == pytest.approx(mbib["final"]["overall"], abs=2.51)
     report = (out / "reproduction-digits-lt-1ep.md").read_text()
     assert "| bsce | 10 |" in report and "grid/mbib/IF10" in report and "Still to run" not in report
+    assert seen[0] == "" and "| bsce | 10 | not run yet" not in seen[1] and "| mbib | 10 | not run yet" in seen[1]

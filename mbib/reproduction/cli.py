@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         uri = tracking.tracking_uri(args.tracking_uri) if plan.runner == "ray" else None  # plain: no MLflow
         try:
-            run_cells(plan, state, plan_cells(plan), uri)
+            run_cells(plan, state, plan_cells(plan), uri, after_cell=lambda: write_report(plan, state, report))
             run_analyses(plan, state)
         finally:  # an interrupted grid still leaves a report of what finished
             write_report(plan, state, report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mbib.analysis import checkpoint_analysis
 from mbib.config import TrainConfig
@@ -61,7 +61,9 @@ def parent_run(state: State, plan: Plan, tracking_uri: str) -> str:
     return run_id
 
 
-def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | None) -> None:
+def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | None,
+              after_cell: Callable[[], None] = lambda: None) -> None:
+    """Train the cells not in the state yet, saving the state (and calling `after_cell`: the report) after each."""
     base = base_config(plan)
     parent = parent_run(state, plan, tracking_uri) if tracking_uri else None
     for i, cell in enumerate(cells, 1):
@@ -76,6 +78,7 @@ def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | N
         state.save()
         record["analysis"] = checkpoint_analysis(carry, cell_config(plan, base, cell))  # the final model, while at hand
         state.save()
+        after_cell()  # a grid spread over days: each finished cell's report can be committed at once
         print(f"{head}: done in {record['wall_s']:.0f} s: {fmt_shots(record['final'])}", flush=True)
 
 
