@@ -32,8 +32,9 @@ def test_set_outputs(checkpoint: str, cfg: TrainConfig, batch_size: int = 500):
 
 
 def checkpoint_analysis(checkpoint: str | Path, cfg: TrainConfig) -> dict[str, Any]:
-    """Everything the reproduction's report needs from a final model (computed once, kept in its state): per head (each tap, z and their mean "f+g", the prediction) its accuracy and the share of predictions
-    on each shot group; rho (Table 5, Eq. 15-17) of the final observation v and of z; the mean positive
+    """Everything the reproduction's report needs from a final model (computed once, kept in its state): per
+    head (each tap, z and their mean "f+g", the prediction) its accuracy and the share of predictions on each
+    shot group; rho (Table 5, Eq. 15-17) of the final observation v and of z; the mean positive
     posterior per class of the prediction (Appendix D, Eq. 14)."""
     from mbib.metrics import grouped_representation_ratio, mean_positive_posterior, prediction_share, shot_groups
     from mbib.models import ensemble_logits
