@@ -52,3 +52,14 @@ def test_plain_grid_writes_report_state_and_analyses(tmp_path, capsys, monkeypat
     report = (out / "reproduction-digits-lt-1ep.md").read_text()
     assert "| bsce | 10 |" in report and "grid/mbib/IF10" in report and "Still to run" not in report
     assert seen[0] == "" and "| bsce | 10 | not run yet" not in seen[1] and "| mbib | 10 | not run yet" in seen[1]
+
+    # --report-only: a cell still running (its kept checkpoint, here a copy of mbib's) shows its last evaluation
+    cells = out / "cells" / "reproduction-digits-lt-1ep"
+    (cells / "grid-ce-IF10-seed0.pt").write_bytes((cells / "grid-mbib-IF10-seed0.pt").read_bytes())
+    args = ["--dataset", "digits-lt", "--methods", "bsce,mbib,ce", "--ifs", "10", "--epochs", "1", "--runner", "plain",
+            "--out", str(out), "--set", "data.limit_train=64", "--set", "data.limit_test=40", "--set",
+            "optim.batch_size=32", "--report-only"]
+    assert reproduce_main(args) == 0
+    report = (out / "reproduction-digits-lt-1ep.md").read_text()
+    assert f"grid/ce/IF10 (1 of 1 epochs done; at epoch 1: overall {mbib['final']['overall']:.1f}" in report
+    assert json.loads((out / "reproduction-digits-lt-1ep.state.json").read_text()) == state  # trained and noted nothing

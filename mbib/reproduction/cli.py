@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--appendix-j", action="store_true",
                    help="MBIB at IF 100 with loss.vsd_warmup_epochs=0 (Appendix J exactly, no VSD warm-up)")
     p.add_argument("--verbose", action="store_true", help="show Ray's worker logs, not only the progress bar")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from the state file and the cells' kept checkpoints; train nothing "
+                        "(to commit a running cell's progress)")
     args = p.parse_args(argv)
     from mbib.console import set_verbose
 
@@ -68,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         report = out / f"{plan.tag}.md"
         state = State(out / f"{plan.tag}.state.json", plan.settings())
+        if args.report_only:
+            write_report(plan, state, report)
+            print(f"report: {report}")
+            return 0
         state.note_invocation("python bench/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                               machine_info())
         from mbib import tracking

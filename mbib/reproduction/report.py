@@ -42,6 +42,12 @@ PAPER_TABLE5 = {
 PAPER_DATASETS = ("cifar100-lt",)  # the only data set whose paper numbers these are
 
 
+def shots_of(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """An evaluation's overall / many / medium / few accuracy, by the report's names."""
+    return {"overall": metrics.get("acc"), "many": metrics.get("many"), "medium": metrics.get("medium"),
+            "few": metrics.get("few")}
+
+
 def fmt_shots(s: dict[str, Any]) -> str:
     return "  ".join(f"{k} {fmt(s.get(k))}" for k in SHOTS)
 
@@ -262,7 +268,9 @@ def pending_text(out: Path, plan: Plan, cell: Cell) -> str:
     if not carry.is_file():
         return cell.key
     state = torch.load(carry, map_location="cpu", weights_only=True)
-    return f"{cell.key} ({int(state['epoch']) + 1} of {plan.epochs} epochs done)"
+    done, m = int(state["epoch"]) + 1, state.get("metrics") or {}
+    last = f"; at epoch {done}: {fmt_shots(shots_of(m))}" if "acc" in m else ""
+    return f"{cell.key} ({done} of {plan.epochs} epochs done{last})"
 
 
 def data_caveat(plan: Plan) -> list[str]:

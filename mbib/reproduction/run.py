@@ -10,13 +10,8 @@ from typing import Any, Callable
 from mbib.analysis import checkpoint_analysis
 from mbib.config import TrainConfig
 from mbib.reproduction.grid import EXPERIMENT, Cell, Plan, base_config, carry_path, cell_config, plan_cells
-from mbib.reproduction.report import fmt_shots
+from mbib.reproduction.report import fmt_shots, shots_of
 from mbib.reproduction.state import State, git_commit
-
-
-def shots_of(metrics: dict[str, Any]) -> dict[str, float | None]:
-    return {"overall": metrics.get("acc"), "many": metrics.get("many"), "medium": metrics.get("medium"),
-            "few": metrics.get("few")}
 
 
 def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | None,
