@@ -124,8 +124,8 @@ class SingleHeadCriterion(Criterion):
 class LDAMDRWCriterion(Criterion):
     """LDAM loss with deferred re-weighting (Cao et al. 2019) on cosine logits of a normed classifier."""
 
-    def __init__(self, method: str, head: str, class_counts: Tensor, *, max_margin: float = 0.5,
-                 scale: float = 30.0, drw_epoch: int = 160, drw_beta: float = 0.9999) -> None:
+    def __init__(self, method: str, head: str, class_counts: Tensor, *, max_margin: float, scale: float,
+                 drw_epoch: int, drw_beta: float) -> None:
         super().__init__(method, head, class_counts)
         if not (L.check_nonnegative("max_margin", max_margin) > 0 and L.check_nonnegative("scale", scale) > 0):
             raise ConfigError(f"max_margin={max_margin} and scale={scale} must both be > 0; fix the LDAM settings")
@@ -155,9 +155,9 @@ def _bib_family(method: str, head: str, wiring: str, fixed: Mapping[str, Any]) -
     return factory
 
 
-_BIB = {"beta": L.DEFAULT_BETA, "m": 0.1, "gamma": 0.0, "weighted_mean": "weights", "logit_adjust": True,
-        "vsd_logits": "raw"}
-_MBIB = {**_BIB, "a": 0.1, "b": 0.3}  # Sec. 4.2: a = 0.1, b = 0.3, m = 0.1 on all datasets
+_BIB = {"beta": L.DEFAULT_BETA, "m": L.DEFAULT_M, "gamma": L.DEFAULT_GAMMA, "weighted_mean": "weights",
+        "logit_adjust": True, "vsd_logits": "raw"}
+_MBIB = {**_BIB, "a": L.DEFAULT_A, "b": L.DEFAULT_B}
 
 register_method("ce", "plain", partial(SingleHeadCriterion, "ce", "plain", kind="ce"))
 register_method("focal", "plain", partial(SingleHeadCriterion, "focal", "plain", kind="focal"),
@@ -167,6 +167,7 @@ register_method("bsce", "plain", partial(SingleHeadCriterion, "bsce", "plain", k
 register_method("bsce-mlp", "mlp", partial(SingleHeadCriterion, "bsce-mlp", "mlp", kind="bsce", key="z"),
                 {"m": 0.0, "weighted_mean": "weights"})  # Appendix C: branch z alone trained with BSCE
 register_method("ldam-drw", "plain", partial(LDAMDRWCriterion, "ldam-drw", "plain"),
+                # Cao et al.: largest margin 0.5, cosine logits scaled by 30, effective-number beta 0.9999 from epoch 160
                 {"max_margin": 0.5, "scale": 30.0, "drw_epoch": 160, "drw_beta": 0.9999}, {"normed": True})
 register_method("bib", "bib", _bib_family("bib", "bib", "bib", {}), _BIB, task=BIBTask)
 register_method("mbib", "mbib", _bib_family("mbib", "mbib", "mbib", {}), _MBIB, task=BIBTask)
@@ -177,6 +178,6 @@ register_method("ce-2branch", "bib",
                 _bib_family("ce-2branch", "bib", "bib", {"beta": 0.0, "m": 0.0, "gamma": 0.0, "logit_adjust": False}),
                 task=BIBTask)
 register_method("bsce-2branch", "bib", _bib_family("bsce-2branch", "bib", "bib", {"beta": 0.0, "gamma": 0.0}),
-                {"m": 0.1, "weighted_mean": "weights", "logit_adjust": True}, task=BIBTask)
+                {"m": L.DEFAULT_M, "weighted_mean": "weights", "logit_adjust": True}, task=BIBTask)
 register_method("sdib", "bib", _bib_family("sdib", "bib", "bib", {"m": 0.0, "logit_adjust": False}),
-                {"beta": L.DEFAULT_BETA, "gamma": 0.0}, task=BIBTask)
+                {"beta": L.DEFAULT_BETA, "gamma": L.DEFAULT_GAMMA}, task=BIBTask)

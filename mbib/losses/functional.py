@@ -39,7 +39,11 @@ from mbib.errors import ConfigError
 WEIGHTED_MEANS = ("weights", "batch")
 VSD_LOGITS = ("raw", "adjusted")
 WIRINGS = ("bib", "mbib", "se", "all")
+# The paper's loss settings, written down once: the registry's method defaults and the keyword defaults below
 DEFAULT_BETA = 5.0  # Appendix J hard-codes beta = 5; Sec. 4.2 picks beta from {0..5} per dataset
+DEFAULT_A, DEFAULT_B = 0.1, 0.3  # Sec. 4.2: weights of BIB(v1, z) and BIB(v2, z) (Eq. 11) on every dataset
+DEFAULT_M = 0.1  # Sec. 4.2 and Appendix J's label_weighting: the Eq. 7 exponent on every dataset
+DEFAULT_GAMMA = 0.0  # Sec. 4.2: CIFAR-100-LT (ImageNet-LT and iNaturalist use 0.5: their presets set it)
 
 
 def check_nonnegative(name: str, value: Any) -> float:
@@ -101,7 +105,8 @@ class ClassConstants:
         return ClassConstants(*(t.to(like.device) for t in (self.log_prior, self.weights, self.temperature)))
 
 
-def class_constants(class_counts: Any, m: float = 0.1, gamma: float = 0.0, logit_adjust: bool = True) -> ClassConstants:
+def class_constants(class_counts: Any, m: float = DEFAULT_M, gamma: float = DEFAULT_GAMMA,
+                    logit_adjust: bool = True) -> ClassConstants:
     """Everything BIB needs per class; logit_adjust=False gives the unbalanced CE of Appendix B / Table 9."""
     counts = as_class_counts(class_counts)
     m = check_nonnegative("m", m)
@@ -145,8 +150,8 @@ def bib_loss_terms(
     labels: Tensor,
     class_counts: Any,
     beta: float,
-    m: float = 0.1,
-    gamma: float = 0.0,
+    m: float = DEFAULT_M,
+    gamma: float = DEFAULT_GAMMA,
     *,
     weighted_mean: str = "weights",
     logit_adjust: bool = True,
@@ -159,8 +164,8 @@ def bib_loss_terms(
     return {"bsc_v": bsc_v, "bsc_z": bsc_z, "vsd": vsd, "total": bib_total(bsc_v, bsc_z, vsd, beta)}
 
 
-def bib_loss(v_logits: Tensor, z_logits: Tensor, labels: Tensor, class_counts: Any, beta: float, m: float = 0.1,
-             gamma: float = 0.0, **switches: Any) -> Tensor:
+def bib_loss(v_logits: Tensor, z_logits: Tensor, labels: Tensor, class_counts: Any, beta: float,
+             m: float = DEFAULT_M, gamma: float = DEFAULT_GAMMA, **switches: Any) -> Tensor:
     """Loss_BIB(v, z) of Eq. 9 (the ``total`` of bib_loss_terms)."""
     return bib_loss_terms(v_logits, z_logits, labels, class_counts, beta, m, gamma, **switches)["total"]
 
@@ -245,11 +250,11 @@ def mbib_loss_terms(
     outputs: Mapping[str, Tensor],
     labels: Tensor,
     class_counts: Any,
-    a: float = 0.1,
-    b: float = 0.3,
+    a: float = DEFAULT_A,
+    b: float = DEFAULT_B,
     beta: float = DEFAULT_BETA,
-    m: float = 0.1,
-    gamma: float = 0.0,
+    m: float = DEFAULT_M,
+    gamma: float = DEFAULT_GAMMA,
     wiring: str = "mbib",
     *,
     weighted_mean: str = "weights",
@@ -267,8 +272,9 @@ def mbib_loss_terms(
     return mixture_terms(outputs, labels, consts, bib_pairs(taps, a, b, wiring), beta, weighted_mean)
 
 
-def mbib_loss(outputs: Mapping[str, Tensor], labels: Tensor, class_counts: Any, a: float = 0.1, b: float = 0.3,
-              beta: float = DEFAULT_BETA, m: float = 0.1, gamma: float = 0.0, wiring: str = "mbib",
+def mbib_loss(outputs: Mapping[str, Tensor], labels: Tensor, class_counts: Any, a: float = DEFAULT_A,
+              b: float = DEFAULT_B, beta: float = DEFAULT_BETA, m: float = DEFAULT_M, gamma: float = DEFAULT_GAMMA,
+              wiring: str = "mbib",
               **switches: Any) -> Tensor:
     """Loss_MBIB of Eq. 11 (the ``total`` of mbib_loss_terms); a = b = 0 gives Loss_BIB(vn, z) exactly."""
     return mbib_loss_terms(outputs, labels, class_counts, a, b, beta, m, gamma, wiring, **switches)["total"]
