@@ -167,7 +167,7 @@ register_method("bsce", "plain", partial(SingleHeadCriterion, "bsce", "plain", k
 register_method("bsce-mlp", "mlp", partial(SingleHeadCriterion, "bsce-mlp", "mlp", kind="bsce", key="z"),
                 {"m": 0.0, "weighted_mean": "weights"})  # Appendix C: branch z alone trained with BSCE
 register_method("ldam-drw", "plain", partial(LDAMDRWCriterion, "ldam-drw", "plain"),
-                # Cao et al.: largest margin 0.5, cosine logits scaled by 30, effective-number beta 0.9999 from epoch 160
+                # Cao et al.: largest margin 0.5, cosine logits x 30, effective-number beta 0.9999 from epoch 160
                 {"max_margin": 0.5, "scale": 30.0, "drw_epoch": 160, "drw_beta": 0.9999}, {"normed": True})
 register_method("bib", "bib", _bib_family("bib", "bib", "bib", {}), _BIB, task=BIBTask)
 register_method("mbib", "mbib", _bib_family("mbib", "mbib", "mbib", {}), _MBIB, task=BIBTask)

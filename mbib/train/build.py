@@ -29,7 +29,8 @@ def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
 
 # LossConfig field -> the criterion keyword it sets (the names the registry's defaults use)
 LOSS_FIELDS = {"beta": "beta", "a": "a", "b": "b", "m": "m", "gamma": "gamma", "weighted_mean": "weighted_mean",
-               "vsd_logits": "vsd_logits", "focal_gamma": "focal_gamma", "tau": "tau", "gml_weight": "con_weight", "drw_epoch": "drw_epoch"}
+               "vsd_logits": "vsd_logits", "focal_gamma": "focal_gamma", "tau": "tau", "gml_weight": "con_weight",
+               "drw_epoch": "drw_epoch"}
 
 
 def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:

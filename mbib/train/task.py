@@ -69,7 +69,8 @@ class Task:
         params = list(self.train_module.parameters()) + [p for p in self.criterion.parameters() if p.requires_grad]
         no_decay = {id(p) for p in self.criterion.no_weight_decay_params()}
         heads = getattr(self.network, "heads", None)
-        own_decay = {id(p) for p in heads.parameters()} if heads is not None and self.head_weight_decay is not None else set()
+        own = heads is not None and self.head_weight_decay is not None
+        own_decay = {id(p) for p in heads.parameters()} if own else set()
         groups = [{"params": [p for p in params if id(p) not in no_decay | own_decay]},
                   {"params": [p for p in params if id(p) in own_decay], "weight_decay": self.head_weight_decay},
                   {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
