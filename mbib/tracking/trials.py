@@ -41,7 +41,8 @@ class MLflowTrialLogger(tune.Callback):
     """Each trial a child run nested under the data set's parent run; written by the Tune driver only.
 
     Child runs are found again by their trial-id tag, so a resumed study reuses them (no duplicates) and skips
-    epochs already logged.
+    epochs already logged, but not the ones it missed: a driver killed between Tune recording an epoch and this
+    logger logging it leaves a gap that --resume's backfill fills from Tune's results.
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, dataset_key: str, max_epochs: int):
@@ -83,13 +84,13 @@ class MLflowTrialLogger(tune.Callback):
         found = find_child_runs(self.client, self.experiment_id, self.parent_run_id, tid)
         if found:
             run = found[0]
-            self._logged[tid] = int(run.data.metrics.get(BUDGET, 0))
+            self._logged[tid] = {int(m.step) for m in self.client.get_metric_history(run.info.run_id, BUDGET)}
         else:
             number = str(getattr(trial, "experiment_tag", "")).split("_")[0] or tid  # Tune's tag starts with the index
             run = self.client.create_run(self.experiment_id, tags={  # names start with what tells runs apart
                 "mlflow.parentRunId": self.parent_run_id, "mlflow.runName": f"#{number} {self.dataset_key}",
                 TAG_TRIAL: tid, TAG_DATASET: self.dataset_key})
-            self._logged[tid] = 0
+            self._logged[tid] = set()
         # a run found again may lack what a server lost right after create_run kept from it: add that now
         cfg = trial_train_config(trial.config)
         if not found or not run.data.params:
@@ -114,10 +115,10 @@ class MLflowTrialLogger(tune.Callback):
 
     def log_result(self, trial, result: dict) -> bool:
         run_id, step = self.child_run(trial), int(result.get(BUDGET, 0))
-        if step <= self._logged.get(trial.trial_id, 0):
+        if step in self._logged[trial.trial_id]:
             return False  # logged before the driver was interrupted
         tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k not in _TUNE_KEYS}, step=step)
-        self._logged[trial.trial_id] = step
+        self._logged[trial.trial_id].add(step)
         return True
 
     def complete(self, trial) -> bool:
@@ -148,8 +149,8 @@ class MLflowTrialLogger(tune.Callback):
             late = sum(self.log_result(trial, {k: v for k, v in r.items() if finite(v)}) for r in rows)
             late += 0 if res.error else self.complete(trial)
             if late:
-                self.client.set_tag(self.child_run(trial), TAG_LATE, f"{late} records logged by --resume "
-                                    "(the tracking server was away when the trial ran)")
+                self.client.set_tag(self.child_run(trial), TAG_LATE, f"{late} records logged by --resume (the "
+                                    "tracking server was away, or the driver died, when the trial reported them)")
             filled += late
         return filled
 
