@@ -134,16 +134,14 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
         # each epoch's report says where its process started: 0 before the kill, the checkpoint's epoch after it
         # (k epochs had been reported; a trial redone from scratch would say 0 again)
         history = {int(m.step): m.value for m in client.get_metric_history(kid.info.run_id, "started_at_epoch")}
+        # Known gap: a kill between Tune registering the checkpoint epoch and the logger logging it loses that one
+        # record (Tune rewrites the trial's result.json on restore, so --resume cannot backfill it); and Tune may
+        # register that checkpoint before result.json shows its epoch, so `k` only bounds what ran before the kill.
         resumed_at = int(history[epochs])
-        assert 1 <= resumed_at <= k, (k, history)
-        # Known gap: a kill between Tune registering the checkpoint epoch's result and the logger logging it loses
-        # that one record (Tune rewrites the trial's result.json on restore, so --resume cannot backfill it).
-        # Every other epoch is in MLflow exactly once.
-        assert set(range(1, epochs + 1)) - set(history) <= {resumed_at}, (k, history)
-        assert all(history[s] == 0 for s in range(1, resumed_at + 1) if s in history), (k, history)
-        assert all(history[s] == resumed_at for s in range(k + 1, epochs + 1)), (k, history)
-        # epochs between the checkpoint and the kill: logged before it, or (when that record was lost) after it
-        assert all(history[s] in (0, resumed_at) for s in range(resumed_at + 1, k + 1)), (k, history)
+        assert resumed_at >= 1, (k, history)  # continued from a checkpoint, not redone from scratch
+        assert set(range(1, epochs + 1)) - set(history) <= {resumed_at}, (k, history)  # every other epoch once
+        assert all(v == 0 for s, v in history.items() if s <= resumed_at), (k, history)  # before the kill
+        assert all(v in (0, resumed_at) for s, v in history.items() if s > resumed_at), (k, history)
 
 
 def _trial_states(tmp_path):
