@@ -32,6 +32,7 @@ from mbib.losses.registry import (
     build_criterion,
     method_defaults,
     method_recipe,
+    method_settings,
     method_task,
     register_method,
 )
@@ -40,7 +41,7 @@ __all__ = [
     "BIBCriterion", "ClassConstants", "Criterion", "DEFAULT_BETA", "LDAMDRWCriterion", "METHODS",
     "METHOD_MODEL_OPTIONS", "SingleHeadCriterion", "balanced_ce", "bib_loss", "bib_loss_terms", "bib_pairs",
     "build_criterion", "class_constants", "class_weights", "drw_weights", "focal_loss", "ldam_loss",
-    "ldam_margins", "mbib_loss", "mbib_loss_terms", "method_defaults", "method_recipe", "method_task",
+    "ldam_margins", "mbib_loss", "mbib_loss_terms", "method_defaults", "method_recipe", "method_settings", "method_task",
     "register_method", "tap_weights", "temperatures", "vsd_loss",
 ]
 

@@ -232,11 +232,11 @@ def mixture_terms(
     terms: dict[str, Tensor] = {}
     bsc: dict[str, Tensor] = {}  # a head's BSC loss is the same in every pair it joins: compute it once
     total = None
+    shift = consts.log_prior if vsd_logits == "adjusted" else 0.0  # module docstring, item 5
     for teacher, student, weight in pairs:
         for key in (teacher, student):
             if key not in bsc:
                 bsc[key] = balanced_ce(outputs[key], labels, consts, weighted_mean)  # Eq. 5/6
-        shift = consts.log_prior if vsd_logits == "adjusted" else 0.0  # module docstring, item 5
         vsd = vsd_loss(outputs[teacher] + shift, outputs[student] + shift, consts.temperature)  # Eq. 8 / Eq. 13
         parts = (bsc[teacher], bsc[student], vsd)
         terms.update(zip(pair_term_names(teacher, student), parts))

@@ -77,6 +77,12 @@ def _spec(method: str) -> MethodSpec:
     return _SPECS[method]
 
 
+def method_settings(method: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``method``'s factory gets: its defaults, overridden by the given values for the names it takes."""
+    defaults = _spec(method).defaults
+    return {**defaults, **{k: v for k, v in hparams.items() if k in defaults}}
+
+
 def build_criterion(method: str, class_counts: Any, **hparams: Any) -> Criterion:
     """The loss module of ``method``. Names no registered method takes raise ConfigError (typos); names
     other methods take but this one does not are ignored, so one config can drive every method."""
@@ -88,5 +94,4 @@ def build_criterion(method: str, class_counts: Any, **hparams: Any) -> Criterion
     for name in ("logit_adjust",):
         if name in hparams and not isinstance(hparams[name], bool):
             raise ConfigError(f"loss option {name}={hparams[name]!r} must be true or false")
-    chosen = {**spec.defaults, **{k: v for k, v in hparams.items() if k in spec.defaults}}
-    return spec.factory(L.as_class_counts(class_counts), **chosen)
+    return spec.factory(L.as_class_counts(class_counts), **method_settings(method, hparams))

@@ -9,7 +9,7 @@ from typing import Any
 
 from mbib.config import TrainConfig
 from mbib.errors import ConfigError
-from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion, method_defaults, method_task
+from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion, method_settings, method_task
 from mbib.models import build_model
 from mbib.train.task import Task
 
@@ -41,8 +41,8 @@ def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:
 def loss_settings(cfg: TrainConfig) -> dict[str, Any]:
     """Every loss setting by its config name, as the method's criterion gets it: the config's value, else the
     method's default; None where the method takes no such setting."""
-    defaults, chosen = method_defaults(cfg.loss.method), criterion_hparams(cfg)
-    return {name: chosen.get(key, defaults.get(key)) if key in defaults else None for name, key in LOSS_FIELDS.items()}
+    chosen = method_settings(cfg.loss.method, criterion_hparams(cfg))
+    return {name: chosen.get(key) for name, key in LOSS_FIELDS.items()}
 
 
 def build_task(cfg: TrainConfig, spec: dict[str, Any], class_counts) -> Task:

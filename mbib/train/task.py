@@ -71,7 +71,8 @@ class Task:
         heads = getattr(self.network, "heads", None)
         own = heads is not None and self.head_weight_decay is not None
         own_decay = {id(p) for p in heads.parameters()} if own else set()
-        groups = [{"params": [p for p in params if id(p) not in no_decay | own_decay]},
+        special = no_decay | own_decay
+        groups = [{"params": [p for p in params if id(p) not in special]},
                   {"params": [p for p in params if id(p) in own_decay], "weight_decay": self.head_weight_decay},
                   {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
