@@ -1,4 +1,5 @@
-"""What a person sees in the terminal: one live table of trials, short summaries, and Ray's own output only on request.
+"""What a person sees in the terminal: quiet by default, Ray's own output only on request (a study's live table of
+trials is in mbib.study.console).
 
 Quiet (the default): Ray's worker and actor logs are dropped on the driver except the training progress bar, Tune's
 status boxes are off, and a study shows one row per trial, updated in place. `--verbose` brings Ray's output back,
@@ -11,14 +12,7 @@ import logging
 import math
 import os
 import re
-import time
 from typing import Any
-
-from ray.tune import Callback
-from rich import box
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 _state = {"verbose": False}
 GROUPS = ("many", "medium", "few")
@@ -39,8 +33,10 @@ def set_verbose(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR if name == "ray" else logging.WARNING)
     # a failed trial's traceback: StudyConsole prints one line and where the whole trace is
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
-    import optuna
-
+    try:
+        import optuna
+    except ImportError:  # absent where only the plain runner runs (a lent GPU with its own torch)
+        return
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
 
 
@@ -103,113 +99,3 @@ def filter_worker_logs() -> None:
 
     filtered.mbib_filtered = True
     ray_worker.print_to_stdstream = filtered
-
-
-# ---------------------------------------------------------------- studies
-
-class StudyConsole(Callback):
-    """A Tune callback (driver side): one live row per trial of a data set, left on screen when it ends."""
-
-    def __init__(self, dataset_key: str, max_epochs: int, params: tuple[str, ...]):
-        self.key, self.max_epochs, self.params = dataset_key, max_epochs, params
-        self.rows: dict[str, dict[str, Any]] = {}
-        self.live: Live | None = None
-        self.console: Console | None = None
-        self.start = time.monotonic()
-
-    def __getstate__(self):  # Tune pickles callbacks into its experiment state: the display stays here
-        return {**self.__dict__, "live": None, "console": None}
-
-    def _table(self) -> Table:
-        minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
-        t = Table(title=f"{self.key}: {len(self.rows)} trials, {minutes}:{seconds:02d} elapsed", title_justify="left",
-                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False, collapse_padding=True)  # 80 columns
-        for col in ("trial", "state", "epoch", "acc", "many", "med", "few", *self.params):
-            t.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
-        for r in sorted(self.rows.values(), key=lambda r: r["number"]):
-            t.add_row(str(r["number"]), r["state"], f"{r['epoch']}/{self.max_epochs}", fmt(r.get("acc")),
-                      *(fmt(r.get(g), 0) for g in GROUPS), *(fmt(r["params"].get(p), 2) for p in self.params))
-        return t
-
-    def _refresh(self, finished=None) -> None:
-        """Redraw the table in a terminal; in a log file, a line per finished trial (the table comes at the end)."""
-        self.console = self.console or Console()
-        if not self.console.is_terminal:
-            if finished is not None:
-                r = self.rows[finished.trial_id]
-                self._say(f"{self.key} trial {r['number']}: {r['state']} at epoch {r['epoch']}/{self.max_epochs}, "
-                          f"acc {fmt(r.get('acc'))}")
-            return
-        if self.live is None:
-            self.live = Live(self._table(), console=self.console, auto_refresh=False)
-            self.live.start()
-        self.live.update(self._table(), refresh=True)
-
-    def _row(self, trial) -> dict[str, Any]:
-        if trial.trial_id not in self.rows:
-            from mbib.study.results import trial_number  # the number in the trial's folder name, as the summary shows it
-
-            path = getattr(trial, "path", None)
-            number = (trial_number(trial.trial_id, path) if path else 0) or len(self.rows) + 1
-            self.rows[trial.trial_id] = {"number": number, "state": "pending", "epoch": 0,
-                                         "params": {p: trial.config.get(p) for p in self.params}}
-        return self.rows[trial.trial_id]
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._row(trial)["state"] = "running"
-        self._refresh()
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        row = self._row(trial)
-        row["epoch"] = int(result.get("epochs_done", row["epoch"]))
-        if "acc" in result:
-            row.update({k: result.get(k) for k in ("acc", *GROUPS)})
-        self._refresh()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        row = self._row(trial)
-        row["state"] = "done" if row["epoch"] >= self.max_epochs else "stopped"
-        self._refresh(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        row = self._row(trial)
-        row["state"] = "failed"
-        self._refresh()
-        self._say(f"{self.key} trial {row['number']} failed: {error_line(str(trial.get_error() or ''))}"
-                  + (f" (trace: {trial.error_file})" if trial.error_file else ""))
-
-    def _say(self, line: str) -> None:
-        """A line above the live table (or in the log)."""
-        (self.live.console if self.live is not None else self.console or Console()).print(line, soft_wrap=True,
-                                                                                           highlight=False)
-
-    def on_experiment_end(self, trials, **info):
-        if self.live is None:
-            (self.console or Console()).print(self._table())
-            return
-        self.live.update(self._table(), refresh=True)
-        self.live.stop()
-        self.live = None
-
-
-def study_callbacks(dataset_key: str, max_epochs: int, params) -> list:
-    """The study's console as Tune callbacks: the live table when quiet, nothing (Tune's own output) when verbose."""
-    return [] if verbose() else [StudyConsole(dataset_key, max_epochs, tuple(params))]
-
-
-def print_study_summary(outcomes: list, uri: str, ui_command: str, seconds: float | None = None) -> None:
-    """Per data set: trials run, the best full-budget trial's accuracy (overall and per shot group), its model."""
-    for o in outcomes:
-        b, stopped = o.best, sum(r.state == "PRUNED" for r in o.rows)
-        print(f"{o.key}: {len(o.rows)} trials, {stopped} stopped early by ASHA")
-        if b is None:
-            print("  no successful trial")
-            continue
-        groups = ", ".join(f"{g} {fmt(b.metrics.get(g))}" for g in GROUPS)
-        print(f"  best: trial {b.number}, accuracy {fmt(b.acc)}% ({groups}) after {b.epochs_done} epochs")
-        print("  settings: " + " ".join(f"{k}={v:.2g}" for k, v in b.params.items())
-              + f"; registered as models:/{o.model_name}/{o.model_version}")
-    if seconds is not None:
-        print(f"study took {seconds / 60:.1f} min")
-    print(f"MLflow store: {uri}")
-    print(f"open it with: {ui_command}")

@@ -8,6 +8,7 @@ import pytest
 from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
 from mbib import console
+from mbib.study import console as study_console
 from mbib.study.results import DatasetOutcome, TrialRow
 
 CLEANER_TRACEBACK = ["Exception in thread Thread-2 (_monitor_loop):", "Traceback (most recent call last):",
@@ -50,7 +51,7 @@ def test_study_summary_shows_best_trial_n_a_for_empty_groups_and_the_mlflow_comm
     best = TrialRow("t0", 1, params, 84.0, 15, "COMPLETE", None, {"acc": 84.0, "many": 98.3, "few": 70.0}, {})
     stopped = TrialRow("t1", 2, params, 40.0, 5, "PRUNED", None, {"acc": 40.0}, {})
     outcome = DatasetOutcome("digits-lt-if10", "", "run", [best, stopped], best, {}, "mbib-digits-lt-if10", "1")
-    console.print_study_summary([outcome], "sqlite:///x/mlflow.db", "mlflow ui --backend-store-uri sqlite:///x/mlflow.db", 190)
+    study_console.print_study_summary([outcome], "sqlite:///x/mlflow.db", "mlflow ui --backend-store-uri sqlite:///x/mlflow.db", 190)
     out = capsys.readouterr().out
     assert "digits-lt-if10: 2 trials, 1 stopped early by ASHA" in out
     assert "best: trial 1, accuracy 84.0% (many 98.3, medium n/a, few 70.0) after 15 epochs" in out  # medium had no value
@@ -65,7 +66,7 @@ def test_study_table_survives_tunes_pickling_and_shows_n_a_for_an_empty_group(qu
 
     from rich.console import Console
 
-    table = console.study_callbacks("digits-lt-if10", 15, ("beta", "a"))[0]
+    table = study_console.study_callbacks("digits-lt-if10", 15, ("beta", "a"))[0]
     table.console = Console(file=io.StringIO(), force_terminal=True, width=80)  # a terminal: the live display starts
     trial = SimpleNamespace(trial_id="abc", config={"beta": 5.0, "a": 0.1})
     table.on_trial_start(0, [], trial)

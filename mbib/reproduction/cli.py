@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +40,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
                         "or MLflow (machines without Ray; all CPU to training)")
     p.add_argument("--appendix-j", action="store_true",
                    help="MBIB at IF 100 with loss.vsd_warmup_epochs=0 (Appendix J exactly, no VSD warm-up)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with --runner plain: train up to this many cells at once, each in its own process sharing "
+                        "the state file and this machine's CPUs (several small cells on one GPU)")
+    p.add_argument("--job", action="store_true", help=argparse.SUPPRESS)  # a process started by --jobs
     p.add_argument("--verbose", action="store_true", help="show Ray's worker logs, not only the progress bar")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the state file and the cells' kept checkpoints; train nothing "
@@ -58,6 +64,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         raise ConfigError(f"--ifs {args.ifs!r} is not a comma-separated list of numbers, e.g. --ifs 100,10") from None
     if args.epochs < 1 or not ifs:
         raise ConfigError("--epochs must be >= 1 and --ifs must name at least one imbalance factor")
+    if args.jobs < 1 or (args.jobs > 1 and args.runner != "plain"):
+        raise ConfigError(f"--jobs {args.jobs}: needs a number >= 1, and more than one job needs --runner plain")
     overrides = parse_sets(args.overrides)
     plan = Plan(args.dataset, args.epochs, args.seed, methods, ifs, overrides, args.rho, args.posterior,
                 args.beta_ablation, args.taps_ablation, args.appendix_j, args.runner)
@@ -75,21 +83,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_report(plan, state, report)
             print(f"report: {report}")
             return 0
-        state.note_invocation("python bench/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                              machine_info())
+        given = list(sys.argv[1:] if argv is None else argv)
+        if not args.job:
+            state.note_invocation("python bench/reproduce.py " + shlex.join(given), machine_info())
         from mbib import tracking
 
         uri = tracking.tracking_uri(args.tracking_uri) if plan.runner == "ray" else None  # plain: no MLflow
         try:
-            run_cells(plan, state, plan_cells(plan), uri, after_cell=lambda: write_report(plan, state, report))
+            if args.jobs > 1:
+                run_jobs(given, args.jobs)
+                state.refresh()
+            else:
+                run_cells(plan, state, plan_cells(plan), uri, after_cell=lambda: write_report(plan, state, report))
+            if args.job:
+                return 0  # the process that started the jobs analyses and reports
             run_analyses(plan, state)
         finally:  # an interrupted grid still leaves a report of what finished
             write_report(plan, state, report)
         if uri:
             log_report(state, report, uri)
         summary(plan, state, report)
-        print(f"open MLflow with: {tracking.ui_command(uri)}")
+        if uri:
+            print(f"open MLflow with: {tracking.ui_command(uri)}")
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_jobs(argv: list[str], jobs: int) -> None:
+    """The same grid in `jobs` processes at once; each claims the next cell no other holds (see State)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    extra = ["--jobs", "1", "--job", "--set", f"runtime.cpus_per_worker={threads}",
+             "--set", "runtime.show_progress=false"]  # later flags win; one bar per process would garble the log
+    procs = [subprocess.Popen([sys.executable, "-m", "mbib.reproduction.cli", *argv, *extra]) for _ in range(jobs)]
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        raise MBIBError(f"{sum(1 for c in codes if c)} of {jobs} jobs failed (exit codes {codes}): see their "
+                        "errors above; rerun the same command to continue")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

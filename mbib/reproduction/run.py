@@ -11,7 +11,7 @@ from mbib.analysis import checkpoint_analysis
 from mbib.config import TrainConfig
 from mbib.reproduction.grid import EXPERIMENT, Cell, Plan, base_config, carry_path, cell_config, plan_cells
 from mbib.reproduction.report import fmt_shots, shots_of
-from mbib.reproduction.state import State, git_commit
+from mbib.reproduction.state import State, cell_claim, git_commit
 
 
 def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | None,
@@ -22,7 +22,7 @@ def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | No
     if plan.runner == "plain":
         from mbib.train.plain import run_plain
 
-        out = run_plain(cfg, carry, log=lambda line: print(f"  {line}", flush=True))
+        out = run_plain(cfg, carry, log=lambda line: print(f"  {cell.key}: {line}", flush=True))
         final, best, extra = out.metrics, out.best_metrics, {"runner": "plain"}
     else:
         from mbib.train.runner import CopyLatestCheckpoint, run_training
@@ -63,16 +63,22 @@ def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | N
     parent = parent_run(state, plan, tracking_uri) if tracking_uri else None
     for i, cell in enumerate(cells, 1):
         head = f"[{i}/{len(cells)}] {cell.key}"
-        if cell.key in state.cells:
-            print(f"{head}: finished earlier, skipped ({fmt_shots(state.cells[cell.key]['final'])})", flush=True)
-            continue
-        print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs ...", flush=True)
         carry = carry_path(state.path.parent, plan, cell)
-        record = train_cell(plan, base, cell, tracking_uri, parent, carry)
-        state.cells[cell.key] = record
-        state.save()
-        record["analysis"] = checkpoint_analysis(carry, cell_config(plan, base, cell))  # the final model, while at hand
-        state.save()
+        with cell_claim(carry) as mine:
+            state.refresh()  # under the claim: a cell another process finished is in the file by now
+            if cell.key in state.cells:
+                print(f"{head}: finished earlier, skipped ({fmt_shots(state.cells[cell.key]['final'])})", flush=True)
+                continue
+            if not mine:
+                print(f"{head}: another process is training it, skipped", flush=True)
+                continue
+            print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs ...",
+                  flush=True)
+            record = train_cell(plan, base, cell, tracking_uri, parent, carry)
+            state.cells[cell.key] = record
+            state.save()
+            record["analysis"] = checkpoint_analysis(carry, cell_config(plan, base, cell))  # the final model, at hand
+            state.save()
         after_cell()  # a grid spread over days: each finished cell's report can be committed at once
         print(f"{head}: done in {record['wall_s']:.0f} s: {fmt_shots(record['final'])}", flush=True)
 

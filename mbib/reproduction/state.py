@@ -1,13 +1,20 @@
-"""The reproduction's JSON state: finished cells with their analyses, machines and commands; written atomically."""
+"""The reproduction's JSON state: finished cells with their analyses, machines and commands; written atomically.
+
+Several processes may share one state (`bench/reproduce.py --jobs N`): each save merges this process's cells into
+what is on disk under a file lock, and a cell is trained by the one process that holds its claim (a lock on a file
+beside its checkpoint, which the kernel releases when that process ends, however it ends).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -26,6 +33,7 @@ class State:
                                   "rerun with those, or pass another --out / delete the file")
         else:
             self.data = {"settings": settings, "cells": {}, "machines": [], "commands": []}
+        self._base = _snapshot(self.data["cells"])  # the cells as last read: what differs from it, this process wrote
 
     @property
     def cells(self) -> dict[str, dict[str, Any]]:
@@ -37,11 +45,53 @@ class State:
         self.data["commands"].append(command)
         self.save()
 
+    def refresh(self) -> None:
+        """Take in the cells other processes finished since this one read the file."""
+        with self._locked():
+            self._merge_disk()
+
     def save(self) -> None:
+        with self._locked():
+            self._merge_disk()
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(_json_safe(self.data), indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+    def _merge_disk(self) -> None:
+        """Cells, machines and commands on disk that this process lacks join its own (its own records win)."""
+        if self.path.is_file():
+            disk = json.loads(self.path.read_text())
+            written = {k: v for k, v in self.data["cells"].items() if _json_safe(v) != self._base.get(k)}
+            self.data["cells"] = {**disk.get("cells", {}), **written}
+            for key in ("machines", "commands"):
+                self.data[key] = self.data[key] + [x for x in disk.get(key, []) if x not in self.data[key]]
+            for key, value in disk.items():
+                self.data.setdefault(key, value)  # e.g. a hand-written in_progress note
+        self._base = _snapshot(self.data["cells"])
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_json_safe(self.data), indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+@contextlib.contextmanager
+def cell_claim(checkpoint: Path) -> Iterator[bool]:
+    """True while this process alone may train the cell whose checkpoint this is; False when another holds it."""
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint.with_name(checkpoint.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _snapshot(cells: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(_json_safe(cells)))
 
 
 def _json_safe(obj: Any) -> Any:

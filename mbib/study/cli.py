@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mbib import console, tracking
+from mbib import tracking
+from mbib.study import console
 from mbib.config import parse_sets
 from mbib.errors import MBIBError
 from mbib.study.search import run_study

@@ -14,6 +14,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from mbib import console, tracking
+from mbib.study.console import study_callbacks
 from mbib.config import TrainConfig
 from mbib.errors import ConfigError, MBIBError
 from mbib.raylocal import ensure_ray
@@ -133,7 +134,7 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
                                         scheduler=make_scheduler(spec, epochs), num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent),
             run_config=tune.RunConfig(name=ds.key, storage_path=spec.root(), verbose=console.tune_verbosity(),
-                                      callbacks=[logger, *console.study_callbacks(ds.key, epochs, SEARCH_SPACE)]),
+                                      callbacks=[logger, *study_callbacks(ds.key, epochs, SEARCH_SPACE)]),
         )
     grid = tuner.fit()
     if parent_id in LOST:

@@ -34,7 +34,7 @@ def run_plain(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | N
     """Train cfg here; continue from `checkpoint` when it exists, else from runtime.resume_from, else afresh."""
     checkpoint = Path(checkpoint)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":  # the one worker gets every core (or what runtime.cpus_per_worker says)
+    if device.type == "cpu" or cfg.runtime.cpus_per_worker:  # a CPU run gets every core unless told otherwise
         torch.set_num_threads(max(1, int(cfg.runtime.cpus_per_worker or os.cpu_count() or 1)))
     cfg.data.data_root = pinned_data_root(cfg.data.data_root)
     engine = Engine(cfg, load_data(cfg), device)
