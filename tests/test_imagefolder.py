@@ -175,3 +175,25 @@ def test_real_cifar100_zip():
     d = load_dataset("cifar100-lt", data_root=root, imbalance_factor=100, download=False)
     assert len(d.y_train) == 10_847 and d.class_counts[0] == 500 and d.class_counts[-1] == 5
     assert d.classes[0] == "apple" and d.classes[-1] == "worm" and d.x_test.shape == (10_000, 3, 32, 32)
+
+
+def test_lt_subset_zip_loads_the_same_long_tailed_set(tmp_path):
+    """bench/lt_subset_zip.py: what it drops the long tail never picks, so the loaded data set is the same."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lt_subset_zip", Path(__file__).parents[1] / "bench" / "lt_subset_zip.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    files = layout({"train": {c: 10 for c in "abcde"}, "test": {c: 2 for c in "abcde"}})
+    full = write_zip(tmp_path / "full.zip", files, top="set/")
+    small = tmp_path / "small.zip"
+    kept, dropped = tool.write_subset(full, small, [10.0], seed=0)
+    assert (kept, dropped) == (10 + 5 + 3 + 1 + 1, 50 - 20)  # int(10 * 10^(-i/4)): 10, 5, 3, 1, 1
+    assert small.stat().st_size < full.stat().st_size
+    a = load_dataset(f"imagefolder:{full}", imbalance_factor=10, image_size=8)
+    b = load_dataset(f"imagefolder:{small}", imbalance_factor=10, image_size=8)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
+    assert torch.equal(a.x_test, b.x_test) and a.class_counts == b.class_counts
+    c = load_dataset(f"imagefolder:{full}", imbalance_factor=5, image_size=8)  # an IF it was not made for differs
+    d = load_dataset(f"imagefolder:{small}", imbalance_factor=5, image_size=8)
+    assert not torch.equal(c.x_train, d.x_train)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from mbib.reproduction import run
+from mbib.reproduction.state import State, cell_claim
 from mbib.reproduction.cli import main as reproduce_main
 from mbib.config import TrainConfig, apply_overrides
 from mbib.train.fit import InjectedFault
@@ -63,3 +64,45 @@ def test_plain_grid_writes_report_state_and_analyses(tmp_path, capsys, monkeypat
     report = (out / "reproduction-digits-lt-1ep.md").read_text()
     assert f"grid/ce/IF10 (1 of 1 epochs done; at epoch 1: overall {mbib['final']['overall']:.1f}" in report
     assert json.loads((out / "reproduction-digits-lt-1ep.state.json").read_text()) == state  # trained and noted nothing
+
+
+def test_processes_sharing_a_state_keep_each_others_cells(tmp_path):
+    """Each save merges into the file: a process never drops or rolls back a cell another process wrote."""
+    a, b = State(tmp_path / "s.json", {"k": 1}), State(tmp_path / "s.json", {"k": 1})
+    a.cells["x"] = {"final": 1}
+    a.save()
+    b.cells["y"] = {"final": 2}
+    b.save()  # b never saw x
+    assert set(json.loads((tmp_path / "s.json").read_text())["cells"]) == {"x", "y"}
+    b.refresh()
+    a.cells["x"]["analysis"] = {"rho": 3}  # a completes its record after b took in the bare one
+    a.save()
+    b.save()
+    assert json.loads((tmp_path / "s.json").read_text())["cells"]["x"] == {"final": 1, "analysis": {"rho": 3}}
+
+
+def test_a_cell_claim_is_held_by_one_holder_at_a_time(tmp_path):
+    ckpt = tmp_path / "cells" / "c.pt"
+    with cell_claim(ckpt) as first:
+        with cell_claim(ckpt) as second:
+            assert first and not second
+    with cell_claim(ckpt) as again:
+        assert again  # released when its holder ends
+
+
+def test_jobs_train_every_cell_once_and_report_them(tmp_path, capfd):
+    out = tmp_path / "out"
+    args = ["--dataset", "digits-lt", "--methods", "ce,bsce,bib", "--ifs", "10", "--epochs", "1", "--runner", "plain",
+            "--out", str(out), "--set", "data.limit_train=64", "--set", "data.limit_test=40",
+            "--set", "optim.batch_size=32", "--jobs", "2"]
+    assert reproduce_main(args) == 0
+    printed = capfd.readouterr().out
+    assert printed.count(": training ") == 3 and printed.count("IF10: done in") == 3
+    state = json.loads((out / "reproduction-digits-lt-1ep.state.json").read_text())
+    assert set(state["cells"]) == {"grid/ce/IF10", "grid/bsce/IF10", "grid/bib/IF10"}
+    assert all("analysis" in c for c in state["cells"].values())
+    assert len(state["commands"]) == 1 and "--jobs 2" in state["commands"][0]  # the jobs note no command of their own
+    report = (out / "reproduction-digits-lt-1ep.md").read_text()
+    assert "Still to run" not in report and "| bib | 10 |" in report
+    assert reproduce_main([*args, "--runner", "ray"]) == 2  # several jobs need the plain runner: one line
+    assert "more than one job needs --runner plain" in capfd.readouterr().err
