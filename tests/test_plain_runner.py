@@ -27,6 +27,7 @@ def test_continued_run_equals_uninterrupted(tmp_path):
     lines = []
     again = run_plain(tiny(**{"runtime.inject_failure_epoch": 1}), tmp_path / "cut.pt", log=lines.append)
     assert lines[0].startswith("continuing from") and "epoch 2" in lines[0] and len(lines) == 2
+    assert json.loads(again.metrics["checkpoint_report"])["epoch"] == 1  # the first report after the restore
     assert again.metrics["epoch"] == 2 and again.metrics["param_checksum"] == pytest.approx(
         whole.metrics["param_checksum"], rel=1e-9)
     assert again.metrics["acc"] == whole.metrics["acc"] and again.best_metrics["acc"] == whole.best_metrics["acc"]

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mbib import tracking
-from mbib.study import console
+from mbib import console, tracking
+from mbib.study.console import print_study_summary
 from mbib.config import parse_sets
 from mbib.errors import MBIBError
 from mbib.study.search import run_study
@@ -103,5 +103,5 @@ def study_main(argv, *, prog: str, name: str, preset_name: str, datasets: list[D
         print(f"error: {exc}", file=sys.stderr)
         return 2
     uri = tracking.tracking_uri(spec.tracking_uri)
-    console.print_study_summary(outcomes, uri, tracking.ui_command(uri), time.monotonic() - started)
+    print_study_summary(outcomes, uri, tracking.ui_command(uri), time.monotonic() - started)
     return 0

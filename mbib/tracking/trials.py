@@ -6,6 +6,7 @@ the logger notes why in LOST, and --resume fills in what it missed from Tune's r
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from mbib.errors import MBIBError
 from mbib.storelock import LockPatientClient
 from mbib.study.results import TrialRow, finite, trial_number
 from mbib.study.spec import BUDGET, METRIC, SEARCH_SPACE, trial_train_config
+from mbib.train.fit import CHECKPOINT_REPORT
 
 TAG_STUDY, TAG_DATASET, TAG_TRIAL = "mbib.study", "mbib.dataset", "mbib.trial_id"
 TAG_LATE = "mbib.logged_on_resume"  # on runs whose records were logged by --resume after the server was away
@@ -42,7 +44,8 @@ class MLflowTrialLogger(tune.Callback):
 
     Child runs are found again by their trial-id tag, so a resumed study reuses them (no duplicates) and skips
     epochs already logged, but not the ones it missed: a driver killed between Tune recording an epoch and this
-    logger logging it leaves a gap that --resume's backfill fills from Tune's results.
+    logger logging it leaves a gap that --resume's backfill fills from Tune's results, and, for the epoch of the
+    checkpoint the trial continues from (which Tune's restored results lack), from the report the trial re-sends.
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, dataset_key: str, max_epochs: int):
@@ -115,6 +118,10 @@ class MLflowTrialLogger(tune.Callback):
 
     def log_result(self, trial, result: dict) -> bool:
         run_id, step = self.child_run(trial), int(result.get(BUDGET, 0))
+        earlier = result.get(CHECKPOINT_REPORT)
+        if isinstance(earlier, str):  # a restored trial re-sends its checkpoint epoch's report: log it if missing
+            report = json.loads(earlier)
+            self.log_result(trial, {**report, BUDGET: int(report["epoch"]) + 1})
         if step in self._logged[trial.trial_id]:
             return False  # logged before the driver was interrupted
         tracking.log_metrics(self.client, run_id, {k: v for k, v in result.items() if k not in _TUNE_KEYS}, step=step)

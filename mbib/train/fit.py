@@ -6,6 +6,7 @@ machines without Ray, e.g. a lent GPU) both drive an Engine through `fit`, so a 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,6 +16,9 @@ from mbib.train.engine import Engine
 
 # report(metrics, checkpoint state or None): an evaluated epoch comes with the state to checkpoint
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
+# the checkpoint epoch's report (JSON), sent again with the first report after a restore: a driver killed after
+# the checkpoint and before its tracker logged that epoch would otherwise lose the record for good
+CHECKPOINT_REPORT = "checkpoint_report"
 
 
 class InjectedFault(RuntimeError):
@@ -29,6 +33,7 @@ class Progress:
     best: float = -1.0
     elapsed: float = 0.0
     best_metrics: dict[str, Any] = field(default_factory=dict)  # the report of the best evaluation
+    restored_report: dict[str, Any] = field(default_factory=dict)  # the checkpoint epoch's report (restored runs)
 
 
 def restore(engine: Engine, state: dict[str, Any] | None, where: str | None = None) -> Progress:
@@ -41,7 +46,8 @@ def restore(engine: Engine, state: dict[str, Any] | None, where: str | None = No
     check_compatible(state, engine.spec, dataset, where)
     load_weights(engine, state, state, f"a {engine.cfg.loss.method} run of {describe(engine.spec, dataset)}", where)
     return Progress(int(state["epoch"]) + 1, float(state.get("best_acc", -1.0)), float(state.get("elapsed_s", 0.0)),
-                    dict(state.get("best_metrics", {})))
+                    dict(state.get("best_metrics", {})),
+                    {k: v for k, v in state.get("metrics", {}).items() if k != CHECKPOINT_REPORT})
 
 
 def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool = False,
@@ -54,6 +60,8 @@ def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool =
         # started_at_epoch: where this process began (0: from scratch), so a record shows a run continued, not redone
         metrics = {"epoch": epoch, "started_at_epoch": progress.start_epoch, **engine.run_epoch(epoch),
                    "lr": engine.optimizer.param_groups[0]["lr"], "param_checksum": engine.param_checksum()}
+        if epoch == progress.start_epoch and progress.restored_report:
+            metrics[CHECKPOINT_REPORT] = json.dumps(progress.restored_report)
         state = None
         if (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs:
             result = engine.evaluate()
