@@ -134,7 +134,7 @@ def rho_section(plan: Plan, state: State) -> list[str]:
     if not rows:
         return ["Not computed yet (needs BSCE, BIB and MBIB at IF 100)."]
     return ["rho = D_intra / D_inter (Eq. 15-17) of the test-set representations; smaller is better. v is the final",
-            "observation (GAP'd last stage), z the bottleneck. Computed on the kept (best-accuracy) checkpoint.", "",
+            "observation (GAP'd last stage), z the bottleneck. Computed on each cell's final model.", "",
             *_table(["Features", "Many", "Medium", "Few", "All", "Paper (many / medium / few / all)"], rows)]
 
 
