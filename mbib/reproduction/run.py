@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -65,8 +66,9 @@ def parent_run(state: State, plan: Plan, tracking_uri: str) -> str:
 
 
 def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | None,
-              after_cell: Callable[[], None] = lambda: None) -> None:
-    """Train the cells not in the state yet, saving the state (and calling `after_cell`: the report) after each."""
+              after_cell: Callable[[], None] = lambda: None, on_claim: Callable[[], None] = lambda: None) -> None:
+    """Train the cells not in the state yet, saving the state (and calling `after_cell`: the report) after each;
+    `on_claim` runs when this process has claimed a cell, before training it (the --jobs test's barrier)."""
     base = base_config(plan)
     parent = parent_run(state, plan, tracking_uri) if tracking_uri else None
     for i, cell in enumerate(cells, 1):
@@ -80,8 +82,9 @@ def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | N
             if not mine:
                 print(f"{head}: another process is training it, skipped", flush=True)
                 continue
-            print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs ...",
-                  flush=True)
+            on_claim()
+            print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs "
+                  f"(process {os.getpid()}) ...", flush=True)
             record = train_cell(plan, base, cell, tracking_uri, parent, carry)
             state.cells[cell.key] = record
             state.save()
