@@ -15,6 +15,7 @@ import io
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -349,9 +350,11 @@ class ClassifierDeployment:
                                     use_cuda=bool(ray.get_gpu_ids()))
         self._infer.set_max_batch_size(self.settings.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.batch_sizes: Counter[int] = Counter()  # model calls by batch size: proof that requests are batched
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        self.batch_sizes[len(images)] += 1
         probs = await asyncio.to_thread(self.model.probabilities, np.stack(images))
         return list(probs)
 
@@ -400,9 +403,11 @@ class ClassifierDeployment:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(page_html())
 
-    @api.get("/healthz", summary="Liveness: the replica holds a loaded model")
+    @api.get("/healthz", summary="Liveness: the replica holds a loaded model; its batches so far")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model.describe()["name"], "providers": self.model.providers}
+        return {"status": "ok", "model": self.model.describe()["name"], "providers": self.model.providers,
+                "largest_batch": max(self.batch_sizes, default=0),
+                "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}}
 
     @api.get("/metadata", summary="Classes, input size, preprocessing and model source")
     async def metadata(self) -> dict[str, Any]:
