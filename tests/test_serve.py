@@ -368,3 +368,14 @@ def test_root_page_is_self_contained_html_that_posts_to_classify(service):
     assert 'type="file"' in page and 'id="drop"' in page  # the upload form and its drop zone
     assert 'base + "classify?top_k="' in page and 'base + "metadata"' in page  # the JS calls this app's endpoints
     assert "<script src" not in page and "<link" not in page and "http://" not in page and "https://" not in page
+
+
+def test_replicas_and_batch_wait_from_settings():
+    from mbib.serving import replicas_for
+
+    assert ServeSettings.coerce({"num_replicas": "auto"}).num_replicas is None  # auto: decided by build_app
+    assert ServeSettings().batch_wait_timeout_s == 0.0
+    assert [replicas_for(2, 0, 1, 0), replicas_for(16, 0, 1, 0), replicas_for(16, 0, 4, 0), replicas_for(16, 0, 0.5, 0)] == [1, 15, 3, 15]
+    assert [replicas_for(16, 2, 1, 1.0), replicas_for(16, 2, 1, 0.5)] == [2, 4]  # one per GPU share
+    with pytest.raises(ConfigError, match="batch_wait_timeout_s=-0.1 is negative"):
+        ServeSettings.coerce({"batch_wait_timeout_s": "-0.1"})
