@@ -1,11 +1,13 @@
-"""Bounded loopback load: the Ray Serve endpoint vs the same ONNX model in-process vs PyTorch eager in-process.
+"""Bounded loopback load: the Ray Serve endpoint vs a plain uvicorn server vs the same ONNX model in-process.
 
 Every request is one PNG-encoded image taken all the way to top-5 labels (decode + preprocess + model), so the
-three paths do the same work; the Serve path adds HTTP, the proxy hop and @serve.batch queueing. Each path
-gets the same CPU share (ORT intra-op threads = torch threads = the replica's num_cpus), a fixed number of
-requests per concurrency level, one run. Results: bench/results/serve_throughput.json.
+paths do the same work: Serve adds HTTP, the proxy-to-replica hop and @serve.batch queueing; the plain server
+(bench/plain_asgi.py, what a user would pick instead) adds HTTP only; PyTorch eager in-process is the framework
+anchor. Each path gets the same CPU share (ORT intra-op threads = torch threads = the replica's num_cpus). The
+paths take turns in rounds, so a machine whose load drifts (other jobs) shifts them alike; medians are reported,
+with the load average, and a breakdown of one request's time. Results: bench/results/serve_throughput.json.
 
-    python bench/serve_throughput.py [--checkpoint CKPT] [--requests 200] [--concurrency 1 4 16]
+    python bench/serve_throughput.py [--checkpoint CKPT] [--requests 200] [--rounds 3] [--concurrency 1 4 16]
 """
 
 import argparse
@@ -13,7 +15,7 @@ import io
 import json
 import os
 import platform
-import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +31,7 @@ from mbib.checkpoint import model_from_checkpoint, save_checkpoint
 from mbib.data.datasets import resolve_data_root
 from mbib.export import export_onnx
 from mbib.models import build_model, ensemble_logits
+from mbib.raylocal import free_port
 from mbib.serving import OnnxClassifier, ServeSettings, build_app
 
 RESULTS = Path(__file__).parent / "results" / "serve_throughput.json"
@@ -89,19 +92,60 @@ def run_load(call, bodies: list[bytes], requests: int, concurrency: int) -> dict
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = np.asarray(list(pool.map(one, range(requests))))
     wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": requests, "req_per_s": round(requests / wall, 1),
-            "p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 2),
+    return {"req_per_s": round(requests / wall, 1), "p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 2),
             "p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 2)}
+
+
+def median_ms(work, repeats: int = 200) -> float:
+    """Median wall time of one call, in ms."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times)) * 1e3, 3)
+
+
+def start_plain_server(onnx_path: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    """bench/plain_asgi.py under uvicorn, one process; returns it and its base URL once it answers."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "MBIB_BENCH_MODEL": str(onnx_path), "MBIB_BENCH_THREADS": str(threads),
+           "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_asgi:app", "--app-dir", str(Path(__file__).parent),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--log-level", "warning"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the plain uvicorn server did not come up in 60 s")
+
+
+def summarise(rounds: list[dict], paths: list[str]) -> dict:
+    """Median req/s and p50 over the rounds per path (the load of the machine varies between rounds)."""
+    return {name: {"req_per_s": float(np.median([r[name]["req_per_s"] for r in rounds])),
+                   "p50_ms": float(np.median([r[name]["p50_ms"] for r in rounds])),
+                   "p99_ms": float(np.median([r[name]["p99_ms"] for r in rounds])),
+                   "req_per_s_each_round": [r[name]["req_per_s"] for r in rounds]} for name in paths}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="mbib checkpoint (default: an untrained resnet32)")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=200, help="requests per path, concurrency level and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all paths; medians are reported")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPU share of the replica and of each in-process path")
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPU share of the replica and of each other path")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=ServeSettings.batch_wait_timeout_s)
+    parser.add_argument("--old-batch-wait-timeout-s", type=float, default=0.005,
+                        help="a second Serve app with this wait (the former default), for comparison")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 
@@ -111,6 +155,7 @@ def main(argv=None) -> dict:
 
     threads = max(1, int(args.num_cpus))
     torch.set_num_threads(threads)
+    load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="mbib-bench-"))
     images = sample_images(64)
     ckpt = Path(args.checkpoint) if args.checkpoint else random_checkpoint(tmp / "run", images)
@@ -131,42 +176,96 @@ def main(argv=None) -> dict:
             probs = torch.softmax(ensemble_logits(model(x)), dim=1)[0].numpy()
         return ort_model.top_k(probs, 5)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    plain_proc, plain_base = start_plain_server(onnx_path, threads)
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray starts its workers at nice 15: the same priority as the plain server
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(model_path=str(onnx_path), num_replicas=1, num_cpus=args.num_cpus, num_gpus=0,
-                             max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
-    serve.run(build_app(settings), name="bench", route_prefix="/")
+    for name, prefix, wait in (("bench", "/", args.batch_wait_timeout_s), ("old", "/old", args.old_batch_wait_timeout_s)):
+        settings = ServeSettings(model_path=str(onnx_path), num_replicas=1, num_cpus=args.num_cpus, num_gpus=0,
+                                 max_batch_size=args.max_batch_size, batch_wait_timeout_s=wait)
+        serve.run(build_app(settings), name=name, route_prefix=prefix)
     limits = httpx.Limits(max_connections=max(args.concurrency), max_keepalive_connections=max(args.concurrency))
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits)
+    serve_client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits)
+    plain_client = httpx.Client(base_url=plain_base, timeout=60, limits=limits)
 
-    def serve_http(body: bytes) -> list:
-        response = client.post("/classify", content=body, headers={"content-type": "image/png"})
-        response.raise_for_status()
-        return response.json()["predictions"]
+    def http(client: httpx.Client, path: str):
+        def call(body: bytes) -> list:
+            response = client.post(path, content=body, headers={"content-type": "image/png"})
+            response.raise_for_status()
+            return response.json()["predictions"]
+        return call
 
-    results = {}
+    def empty(client: httpx.Client, path: str):
+        return lambda body: client.get(path).raise_for_status()
+
+    def refused(query: str, expected: int, body_of=lambda body: body):
+        """A POST /classify that the replica answers with `expected` before the model: the hops without the work."""
+        def call(body: bytes) -> None:
+            response = serve_client.post("/classify" + query, content=body_of(body), headers={"content-type": "image/png"})
+            assert response.status_code == expected, response.text
+        return call
+
+    paths = {"serve_http": http(serve_client, "/classify"), "serve_http_old_5ms_wait": http(serve_client, "/old/classify"),
+             "plain_asgi_http": http(plain_client, "/classify"), "ort_in_process": in_process_ort,
+             "torch_eager_in_process": torch_eager}
+    results, breakdown = {}, {}
     try:
-        for name, call in (("serve_http", serve_http), ("ort_in_process", in_process_ort), ("torch_eager_in_process", torch_eager)):
-            results[name] = [run_load(call, bodies, args.requests, c) for c in args.concurrency]
+        for c in args.concurrency:
+            rounds = [{name: run_load(call, bodies, args.requests, c) for name, call in paths.items()}
+                      for _ in range(args.rounds)]
+            results[str(c)] = summarise(rounds, list(paths))
+        # where one request's time goes (concurrency 1, medians): framework round trips with no work, then the work
+        x = ort_model.preprocess(bodies[0])[None]
+        probs = ort_model.probabilities(x)[0]
+        breakdown = {
+            "serve_empty_round_trip_ms": run_load(empty(serve_client, "/healthz"), bodies, args.requests, 1)["p50_ms"],
+            "serve_post_refused_before_reading_body_ms": run_load(refused("?top_k=0", 422), bodies, args.requests, 1)["p50_ms"],
+            "serve_post_body_read_then_refused_ms": run_load(refused("", 415, lambda body: b"x" * len(body)), bodies,
+                                                             args.requests, 1)["p50_ms"],
+            "plain_empty_round_trip_ms": run_load(empty(plain_client, "/healthz"), bodies, args.requests, 1)["p50_ms"],
+            "decode_preprocess_ms": median_ms(lambda: ort_model.preprocess(bodies[0])),
+            "model_batch1_ms": median_ms(lambda: ort_model.probabilities(x)),
+            "model_batch16_per_image_ms": round(median_ms(lambda: ort_model.probabilities(np.repeat(x, 16, 0)), 50) / 16, 3),
+            "top5_json_ms": median_ms(lambda: json.dumps({"predictions": ort_model.top_k(probs, 5)})),
+            "serve_classify_ms": results["1"]["serve_http"]["p50_ms"] if "1" in results else None,
+            "serve_classify_old_5ms_wait_ms": results["1"]["serve_http_old_5ms_wait"]["p50_ms"] if "1" in results else None,
+            "plain_classify_ms": results["1"]["plain_asgi_http"]["p50_ms"] if "1" in results else None,
+        }
+        batches = serve_client.get("/healthz").json()["batch_sizes"]
+        empty_rps = {name: run_load(empty(client, "/healthz"), bodies, args.requests, max(args.concurrency))["req_per_s"]
+                     for name, client in (("serve", serve_client), ("plain", plain_client))}
     finally:
-        client.close()
+        serve_client.close()
+        plain_client.close()
         serve.shutdown()
         ray.shutdown()
-    ratio = [round(s["req_per_s"] / o["req_per_s"], 3) for s, o in zip(results["serve_http"], results["ort_in_process"])]
+        plain_proc.terminate()
+        plain_proc.wait(timeout=30)
+
+    def ratio(a: str, b: str) -> dict:
+        return {c: round(r[a]["req_per_s"] / r[b]["req_per_s"], 3) for c, r in results.items()}
+
     report = {
-        "what": "req/s and latency per request (PNG bytes -> top-5), loopback, one run",
+        "what": "req/s and latency per request (PNG bytes -> top-5), loopback, one run: the paths interleaved in "
+                f"{args.rounds} rounds per concurrency, medians over the rounds",
         "model": {"name": state["model_spec"]["name"], "image_size": ort_model.image_size, "exporter": parity["exporter"],
                   "parity_max_abs_diff_logits": parity["max_abs_diff_logits"]},
-        "settings": {"requests_per_level": args.requests, "concurrency": args.concurrency, "num_cpus": args.num_cpus,
-                     "threads_per_path": threads, "max_batch_size": args.max_batch_size,
-                     "batch_wait_timeout_s": args.batch_wait_timeout_s, "replicas": 1},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "ray": ray.__version__, "onnxruntime": __import__("onnxruntime").__version__, "mbib": mbib.__version__},
+        "settings": {"requests_per_level_and_round": args.requests, "rounds": args.rounds, "concurrency": args.concurrency,
+                     "num_cpus": args.num_cpus, "threads_per_path": threads, "max_batch_size": args.max_batch_size,
+                     "batch_wait_timeout_s": args.batch_wait_timeout_s, "replicas": 1,
+                     "plain_asgi": "bench/plain_asgi.py: FastAPI under uvicorn, one process, work inline, no batching"},
+        "machine": {"cpus": os.cpu_count(), "ray_worker_niceness": os.environ["RAY_worker_niceness"], "load_average_1m_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+                    "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+                    "onnxruntime": __import__("onnxruntime").__version__, "mbib": mbib.__version__},
         "results": results,
-        "serve_over_ort_in_process_req_per_s": dict(zip(map(str, args.concurrency), ratio)),
+        "serve_over_ort_in_process_req_per_s": ratio("serve_http", "ort_in_process"),
+        "serve_over_plain_asgi_req_per_s": ratio("serve_http", "plain_asgi_http"),
+        "plain_asgi_over_ort_in_process_req_per_s": ratio("plain_asgi_http", "ort_in_process"),
+        "serve_over_old_5ms_wait_req_per_s": ratio("serve_http", "serve_http_old_5ms_wait"),
+        "breakdown_concurrency_1": breakdown,
+        "empty_round_trip_req_per_s_at_max_concurrency": empty_rps,
+        "serve_batch_sizes_seen": batches,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

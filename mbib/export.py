@@ -31,7 +31,9 @@ from mbib.tracking.registry import resolve_checkpoint
 from mbib.tracking.runs import log_export
 
 OPSET = 18
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # logit difference relative to max(1, max |logit|); float32 rounding through resnet32 is ~1e-6
+PROB_TOLERANCE = 1e-4  # absolute, on the softmax a served answer reports
+TOP_K = 5  # the classes a served answer lists by default
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probs")
 
@@ -95,8 +97,20 @@ def _export_bytes(wrapper: nn.Module, example: torch.Tensor) -> tuple[bytes, str
     return buffer.getvalue(), "torchscript"
 
 
-def _parity(onnx_bytes: bytes, wrapper: nn.Module, images: torch.Tensor) -> dict[str, Any]:
-    """Max abs differences between ONNX Runtime (CPU) and PyTorch, at the full batch and at batch 1."""
+def _topk_agrees(ref_logits: np.ndarray, logits: np.ndarray, k: int, tolerance: float) -> bool:
+    """ONNX's top-k classes are PyTorch's, rank by rank; a swap passes only between classes PyTorch ties within `tolerance`."""
+    ours = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    theirs = np.argsort(-ref_logits, axis=1, kind="stable")[:, :k]
+    rank_values = np.take_along_axis(ref_logits, ours, 1) - np.take_along_axis(ref_logits, theirs, 1)
+    return bool(np.abs(rank_values).max() <= tolerance)
+
+
+def check_parity(onnx_bytes: bytes, wrapper: nn.Module, images: torch.Tensor, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """Compare ONNX Runtime (CPU) with PyTorch on what an answer depends on, at the full batch and at batch 1.
+
+    Logits within `tolerance` x max(1, max |logit|) (float32 error grows with the logits' scale), the same top-k
+    classes, probabilities within PROB_TOLERANCE. The report's `passed` says whether all three hold.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -105,23 +119,45 @@ def _parity(onnx_bytes: bytes, wrapper: nn.Module, images: torch.Tensor) -> dict
     with torch.no_grad():
         ref_logits, ref_probs = (t.numpy() for t in wrapper(images))
     logits, probs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
-    one_logits, _ = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[:1].numpy()})
-    return {
+    one_logits, one_probs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[:1].numpy()})
+    max_abs_logit = float(np.abs(ref_logits).max())
+    logit_bound = tolerance * max(1.0, max_abs_logit)
+    k = min(TOP_K, ref_logits.shape[1])
+    report = {
         "batch_size": int(images.shape[0]),
+        "tolerance": tolerance,
         "max_abs_diff_logits": float(np.abs(logits - ref_logits).max()),
-        "max_abs_diff_probs": float(np.abs(probs - ref_probs).max()),
         "max_abs_diff_logits_batch1": float(np.abs(one_logits - ref_logits[:1]).max()),
-        "max_abs_logit": float(np.abs(ref_logits).max()),  # float32 error grows with the logits' scale
+        "max_abs_logit": max_abs_logit,
+        "logit_bound": logit_bound,
+        "max_abs_diff_probs": float(max(np.abs(probs - ref_probs).max(), np.abs(one_probs - ref_probs[:1]).max())),
+        "prob_bound": PROB_TOLERANCE,
         "top1_agreement": float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
+        "top_k": k,
+        "top_k_agrees": _topk_agrees(ref_logits, logits, k, logit_bound) and _topk_agrees(ref_logits[:1], one_logits, k, logit_bound),
         "output_shapes": {"logits": list(logits.shape), "probs": list(probs.shape)},
     }
+    report["passed"] = bool(max(report["max_abs_diff_logits"], report["max_abs_diff_logits_batch1"]) <= logit_bound
+                            and report["max_abs_diff_probs"] <= PROB_TOLERANCE and report["top_k_agrees"])
+    return report
+
+
+def parity_failure(report: dict[str, Any]) -> str:
+    """The one-line reason a parity report failed."""
+    worst = max(report["max_abs_diff_logits"], report["max_abs_diff_logits_batch1"])
+    if worst > report["logit_bound"]:
+        return (f"ONNX Runtime's logits differ from PyTorch's by {worst:.3g} > {report['logit_bound']:.3g} "
+                f"(tolerance {report['tolerance']:g} x max |logit| {report['max_abs_logit']:.3g})")
+    if not report["top_k_agrees"]:
+        return f"ONNX Runtime's top-{report['top_k']} classes differ from PyTorch's"
+    return f"ONNX Runtime's probabilities differ from PyTorch's by {report['max_abs_diff_probs']:.3g} > {PROB_TOLERANCE:g}"
 
 
 def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.PathLike, *,
                 parity_images: torch.Tensor | None = None, parity_npz: str | None = None,
                 parity_count: int = 32, synthetic_parity: bool = False, tolerance: float = TOLERANCE,
                 mlflow_tracking_uri: str | None = None, mlflow_experiment: str | None = None) -> dict[str, Any]:
-    """Export, verify (ONNX checker + ORT/PyTorch parity within `tolerance`), then write atomically.
+    """Export, verify (ONNX checker + ORT/PyTorch parity, see check_parity), then write atomically.
 
     Returns the parity report. Raises TrainingError when the check fails; nothing is written then.
     """
@@ -175,13 +211,11 @@ def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.P
     except Exception as exc:  # checker raises ValidationError and shape-inference errors
         raise TrainingError(f"exported ONNX graph fails onnx.checker ({str(exc).splitlines()[0]}): report this with the model name {spec['name']}") from None
 
-    report = {"exporter": exporter, "opset": OPSET, "tolerance": tolerance, "images": image_source,
-              "source": source, "model_name": spec["name"], **_parity(final, wrapper, images)}
-    worst = max(report["max_abs_diff_logits"], report["max_abs_diff_logits_batch1"])
-    report["passed"] = bool(worst <= tolerance)
+    report = {"exporter": exporter, "opset": OPSET, "images": image_source,
+              "source": source, "model_name": spec["name"], **check_parity(final, wrapper, images, tolerance)}
     if not report["passed"]:
-        raise TrainingError(f"ONNX Runtime differs from PyTorch by {worst:.3g} > {tolerance:g} on logits "
-                            f"(max |logit| {report['max_abs_logit']:.3g}): nothing written; check the model's ops or pass --tolerance")
+        raise TrainingError(f"{parity_failure(report)}: nothing written; the exported graph is wrong, report it with "
+                            f"the model name {spec['name']}")
     target = Path(out_path)
     atomic_write(target, lambda fh: fh.write(final))
     report["onnx_path"] = str(target)
@@ -198,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parity-npz", help="npz (project image format) whose x_test feeds the parity check")
     parser.add_argument("--parity-count", type=int, default=32, help="images in the parity batch (>= 2)")
     parser.add_argument("--synthetic-parity", action="store_true", help="check parity on noise when no real images are available")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="max abs logit difference allowed")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="max logit difference allowed, relative to max(1, max |logit|) (default 1e-4)")
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI to log the ONNX file and report to (default $MLFLOW_TRACKING_URI)")
     parser.add_argument("--experiment", help="MLflow experiment for the export run")
     return parser
@@ -209,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.parity_count < 2:
             raise ConfigError(f"--parity-count {args.parity_count} is too small: use 2 or more so the batch size stays dynamic")
+        if not 0 < args.tolerance < 1:
+            raise ConfigError(f"--tolerance {args.tolerance:g} is out of range: use a relative tolerance in (0, 1), e.g. 1e-4")
         report = export_onnx(args.checkpoint, args.out, parity_npz=args.parity_npz, parity_count=args.parity_count,
                              synthetic_parity=args.synthetic_parity, tolerance=args.tolerance,
                              mlflow_tracking_uri=args.mlflow_uri, mlflow_experiment=args.experiment)

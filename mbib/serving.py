@@ -15,6 +15,7 @@ import io
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # how Pillow opens 
 CROP_FRACTION = 0.875  # resize-then-centre-crop ratio for ImageNet-sized models
 DRAIN_MAX_BYTES = 256 * 1024 * 1024  # an oversized body up to this is read and dropped so the client reads the 413
 ENV_PREFIX = "MBIB_SERVE_"
+INLINE_DECODE_BYTES = 64 * 1024  # smaller images decode faster (~0.2 ms for 32 px) than a hop to a thread
 
 
 @dataclass
@@ -45,11 +47,11 @@ class ServeSettings:
     """Everything a deployment needs; from a YAML file, MBIB_SERVE_* variables and builder args."""
 
     model_path: str = "model.onnx"
-    num_replicas: int = 1
-    num_cpus: float = 1.0  # per replica; fractional on small machines so replicas fit
+    num_replicas: int | None = None  # None: from the CPU count, see replicas_for
+    num_cpus: float = 1.0  # per replica, and its ONNX Runtime threads; fractional on small machines so replicas fit
     num_gpus: float | None = None  # None: a GPU share per replica only when the driver sees CUDA
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.0  # no wait: under load the queue fills while the model runs (bench/serve_throughput.py)
     max_body_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 25_000_000  # decompression-bomb guard (width x height)
     max_batch_files: int = 64
@@ -79,12 +81,14 @@ class ServeSettings:
             kind = {"model_path": str, "num_replicas": int, "max_batch_size": int,
                     "max_body_bytes": int, "max_image_pixels": int, "max_batch_files": int}.get(key, float)
             try:
-                out[key] = None if key == "num_gpus" and raw in (None, "", "auto") else kind(raw)
+                out[key] = None if key in ("num_gpus", "num_replicas") and raw in (None, "", "auto") else kind(raw)
             except (TypeError, ValueError):
                 raise ConfigError(f"serve setting {key}={raw!r} is not a valid {kind.__name__}: fix the config or flag") from None
         settings = cls(**out)
-        if settings.num_replicas < 1 or settings.max_batch_size < 1 or settings.num_cpus <= 0:
+        if (settings.num_replicas or 1) < 1 or settings.max_batch_size < 1 or settings.num_cpus <= 0:
             raise ConfigError("num_replicas, max_batch_size and num_cpus must be positive: fix the serve config")
+        if settings.batch_wait_timeout_s < 0:
+            raise ConfigError(f"batch_wait_timeout_s={settings.batch_wait_timeout_s} is negative: use 0 or more seconds")
         return settings
 
 
@@ -349,11 +353,14 @@ class ClassifierDeployment:
                                     use_cuda=bool(ray.get_gpu_ids()))
         self._infer.set_max_batch_size(self.settings.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.batch_sizes: Counter[int] = Counter()  # model calls by batch size: proof that requests are batched
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        probs = await asyncio.to_thread(self.model.probabilities, np.stack(images))
-        return list(probs)
+        self.batch_sizes[len(images)] += 1
+        # inline: a thread hand-off costs more than the model on a busy CPU; requests keep arriving on Serve's own
+        # loop meanwhile and form the next batch
+        return list(self.model.probabilities(np.stack(images)))
 
     def _check_top_k(self, top_k: int) -> int:
         if not 1 <= top_k <= len(self.model.classes):
@@ -361,7 +368,10 @@ class ClassifierDeployment:
         return top_k
 
     async def _classify_bytes(self, data: bytes, top_k: int) -> list[dict[str, Any]]:
-        x = await asyncio.to_thread(self.model.preprocess, data, self.settings.max_image_pixels)
+        if len(data) <= INLINE_DECODE_BYTES:
+            x = self.model.preprocess(data, self.settings.max_image_pixels)
+        else:
+            x = await asyncio.to_thread(self.model.preprocess, data, self.settings.max_image_pixels)
         return self.model.top_k(await self._infer(x), top_k)
 
     async def _classify_file(self, name: str, data: bytes, top_k: int) -> dict[str, Any]:
@@ -400,9 +410,11 @@ class ClassifierDeployment:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(page_html())
 
-    @api.get("/healthz", summary="Liveness: the replica holds a loaded model")
+    @api.get("/healthz", summary="Liveness: the replica holds a loaded model; its batches so far")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model.describe()["name"], "providers": self.model.providers}
+        return {"status": "ok", "model": self.model.describe()["name"], "providers": self.model.providers,
+                "largest_batch": max(self.batch_sizes, default=0),
+                "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}}
 
     @api.get("/metadata", summary="Classes, input size, preprocessing and model source")
     async def metadata(self) -> dict[str, Any]:
@@ -417,22 +429,32 @@ class ClassifierDeployment:
                 "batching": {"max_batch_size": self.settings.max_batch_size, "batch_wait_timeout_s": self.settings.batch_wait_timeout_s}}
 
 
+def replicas_for(cpus: int, gpus: int, cpus_per_replica: float, gpus_per_replica: float) -> int:
+    """How many replicas fill this machine: one per GPU share, else one per CPU share beside Serve's HTTP proxy
+    (one core kept for it; bench/serve_throughput.py shows the proxy's hop costs as much as the model)."""
+    if gpus and gpus_per_replica:
+        return max(1, round(gpus / gpus_per_replica))
+    return max(1, int((cpus - 1) // max(1.0, cpus_per_replica)))
+
+
 def build_app(settings: ServeSettings):
     """A Serve application for `serve.run(build_app(settings))` or `serve run serve.app:app`."""
     model_path = Path(settings.model_path).resolve()
     if not model_path.is_file():
         raise ConfigError(f"ONNX model not found: {model_path} (set model_path in serve/config.yaml or MBIB_SERVE_MODEL_PATH)")
     OnnxClassifier(model_path, use_cuda=False)  # a broken or foreign file fails here, before any replica deploys
+    gpus = 0
+    if cuda_present():
+        import torch
+
+        gpus = torch.cuda.device_count()
     num_gpus = settings.num_gpus
     if num_gpus is None:  # a GPU share per replica only when this machine has CUDA
-        num_gpus = 0.0
-        if cuda_present():
-            import torch
-
-            num_gpus = min(1.0, torch.cuda.device_count() / settings.num_replicas)
-    resolved = {**asdict(settings), "model_path": str(model_path), "num_gpus": num_gpus}
+        num_gpus = min(1.0, gpus / (settings.num_replicas or gpus)) if gpus else 0.0
+    replicas = settings.num_replicas or replicas_for(os.cpu_count() or 1, gpus, settings.num_cpus, num_gpus)
+    resolved = {**asdict(settings), "model_path": str(model_path), "num_gpus": num_gpus, "num_replicas": replicas}
     return ClassifierDeployment.options(
-        num_replicas=settings.num_replicas,
-        max_ongoing_requests=max(32, 4 * settings.max_batch_size),
+        num_replicas=replicas,
+        max_ongoing_requests=2 * settings.max_batch_size,  # one batch in the model, the next gathering; the rest wait at the proxy
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": num_gpus},
     ).bind(resolved)

@@ -1,6 +1,6 @@
 """Ray Serve entry point.
 
-    serve run serve.app:app model_path=model.onnx num_replicas=2   # builder args override MBIB_SERVE_* env
+    serve run serve.app:app model_path=model.onnx num_replicas=1   # builder args override MBIB_SERVE_* env
     serve run serve/config.yaml                                     # the same settings from a Serve config
     MBIB_SERVE_CONFIG=serve/config.yaml serve run serve.app:app     # settings from the `args` of a config file
 

@@ -18,7 +18,7 @@ from serving_helpers import digits, normalise, train_tiny_checkpoint, write_pari
 from mbib import __version__  # noqa: E402
 from mbib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from mbib.errors import DataError  # noqa: E402
-from mbib.export import export_onnx, main  # noqa: E402
+from mbib.export import EnsembleClassifier, check_parity, export_onnx, main, parity_failure  # noqa: E402
 from mbib.models import ensemble_logits  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def test_report_passes_parity_on_real_images_and_is_logged_to_mlflow(exported):
     assert report["passed"] and report["exporter"] == "dynamo" and report["opset"] == 18
     assert report["images"] == "dataset:digits-lt" and report["batch_size"] == 24
     assert 0 <= report["max_abs_diff_logits"] <= 1e-4 and report["max_abs_diff_logits_batch1"] <= 1e-4
-    assert report["top1_agreement"] == 1.0
+    assert report["top1_agreement"] == 1.0 and report["top_k_agrees"] and report["top_k"] == 5
     assert report["output_shapes"] == {"logits": [24, 10], "probs": [24, 10]}
     run_id = report["mlflow_run_id"]
     client = mlflow.MlflowClient(exported["uri"])
@@ -99,14 +99,64 @@ def test_onnx_runtime_matches_pytorch_ensemble_at_any_batch_size(exported, batch
     assert np.array_equal(probs.argmax(1), expected.argmax(1).numpy())
 
 
-def test_cli_refuses_to_write_when_parity_fails(exported, capsys):
+def _broken(onnx_bytes: bytes, how: str) -> bytes:
+    """The exported graph with one fault: a Relu dropped, or one output channel of a mid-network conv 10% off (the
+    exporter folds BatchNorm into the conv, so this is a BN scale folded wrongly)."""
+    model = onnx.load_from_string(onnx_bytes)
+    if how == "dropped relu":
+        [node for node in model.graph.node if node.op_type == "Relu"][-1].op_type = "Identity"
+    else:
+        convs = [node for node in model.graph.node if node.op_type == "Conv"]
+        conv = convs[len(convs) // 2]
+        weight = next(i for i in model.graph.initializer if i.name == conv.input[1])
+        array = onnx.numpy_helper.to_array(weight).copy()
+        array[0] *= 1.1
+        weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+    return model.SerializeToString()
+
+
+def _parity_inputs(exported):
+    model, state = model_from_checkpoint(exported["ckpt"])
+    spec = state["data_spec"]
+    return EnsembleClassifier(model).eval(), normalise(digits(24, "test")[0], spec["mean"], spec["std"])
+
+
+@pytest.mark.parametrize("how", ["dropped relu", "wrong batchnorm folding"])
+def test_parity_check_refuses_a_broken_graph(exported, how):
+    wrapper, images = _parity_inputs(exported)
+    sound = Path(exported["onnx"]).read_bytes()
+    assert check_parity(sound, wrapper, images)["passed"]
+    report = check_parity(_broken(sound, how), wrapper, images)
+    assert not report["passed"] and report["max_abs_diff_logits"] > report["logit_bound"]
+    assert parity_failure(report).startswith("ONNX Runtime's logits differ from PyTorch's by")
+
+
+def test_model_with_large_logits_exports(exported, tmp_path):
+    """Final heads scaled 1000x: logits in the thousands, float32 rounding far above 1e-4 in absolute terms."""
+    state = load_checkpoint(exported["ckpt"])
+    for key in ("heads.v3.weight", "heads.v3.bias", "heads.z.weight", "heads.z.bias"):  # f and g, the ensemble's heads
+        state["model"][key] = state["model"][key] * 1000
+    ckpt = save_checkpoint(state, tmp_path / "run")
+    report = export_onnx(ckpt, tmp_path / "big.onnx", parity_images=_parity_inputs(exported)[1])
+    assert report["passed"] and report["max_abs_logit"] > 1000 and (tmp_path / "big.onnx").is_file()
+    assert report["max_abs_diff_logits"] <= report["logit_bound"] == pytest.approx(1e-4 * report["max_abs_logit"])
+    assert report["top_k_agrees"] and report["max_abs_diff_probs"] <= 1e-4
+
+
+def test_cli_refuses_to_write_a_broken_graph(exported, monkeypatch, capsys):
+    from mbib import export
+
+    real = export._export_bytes
+    monkeypatch.setattr(export, "_export_bytes", lambda *a: (_broken(real(*a)[0], "dropped relu"), "dynamo"))
     out = exported["tmp"] / "refused.onnx"
     npz = write_parity_npz(exported["tmp"] / "parity.npz")
-    code = main([str(exported["ckpt"]), "--out", str(out), "--parity-npz", str(npz), "--tolerance", "-1"])
+    code = main([str(exported["ckpt"]), "--out", str(out), "--parity-npz", str(npz)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists()
     assert not list(out.parent.glob(".*.tmp-*"))  # no half-written temporary file left behind either
-    assert "nothing written" in err[-1] and err[-1].startswith("error: ")
+    assert err[-1].startswith("error: ONNX Runtime's logits differ") and "nothing written" in err[-1]
+    assert main([str(exported["ckpt"]), "--out", str(out), "--tolerance", "-1"]) == 2  # a bound that refuses all
+    assert "--tolerance -1 is out of range" in capsys.readouterr().err and not out.exists()
 
 
 def test_missing_parity_images_and_checkpoint_are_one_line_errors(exported, tmp_path, capsys):

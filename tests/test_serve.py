@@ -220,7 +220,8 @@ def test_batch_answers_every_file_in_order_with_errors_for_bad_ones(service, tes
 
 
 def test_answers_do_not_depend_on_batching(service):
-    """Each image alone, then all at once from many clients (batched by @serve.batch): the same probabilities."""
+    """Each image alone, then all at once from many clients (batched by @serve.batch, as /healthz's counts show):
+    the same probabilities."""
     pixels = digits(24, "test")[0].permute(0, 2, 3, 1).numpy()
     bodies = [_encode(img, "PNG") for img in pixels]
     client = service["client"]
@@ -231,8 +232,14 @@ def test_answers_do_not_depend_on_batching(service):
         return [p["probability"] for p in sorted(response.json()["predictions"], key=lambda p: p["index"])]
 
     alone = np.array([classify(b) for b in bodies])
+    before = client.get("/healthz").json()["batch_sizes"]
     with ThreadPoolExecutor(len(bodies)) as pool:  # twice over: each image meets different neighbours
         together = np.array(list(pool.map(classify, bodies + bodies[::-1])))
+    after = client.get("/healthz").json()
+    calls = {int(size): count - before.get(size, 0) for size, count in after["batch_sizes"].items()}
+    assert sum(size * count for size, count in calls.items()) == 2 * len(bodies)  # every image passed @serve.batch
+    assert max(size for size, count in calls.items() if count) > 1  # and the concurrent ones shared model calls
+    assert after["largest_batch"] == max(map(int, after["batch_sizes"])) <= 8  # the fixture's max_batch_size
     assert np.abs(together[: len(bodies)] - alone).max() < 1e-5
     assert np.abs(together[len(bodies):][::-1] - alone).max() < 1e-5
     assert len({int(a.argmax()) for a in alone}) > 1  # distinct answers: a mixed-up batch could not pass
@@ -361,3 +368,14 @@ def test_root_page_is_self_contained_html_that_posts_to_classify(service):
     assert 'type="file"' in page and 'id="drop"' in page  # the upload form and its drop zone
     assert 'base + "classify?top_k="' in page and 'base + "metadata"' in page  # the JS calls this app's endpoints
     assert "<script src" not in page and "<link" not in page and "http://" not in page and "https://" not in page
+
+
+def test_replicas_and_batch_wait_from_settings():
+    from mbib.serving import replicas_for
+
+    assert ServeSettings.coerce({"num_replicas": "auto"}).num_replicas is None  # auto: decided by build_app
+    assert ServeSettings().batch_wait_timeout_s == 0.0
+    assert [replicas_for(2, 0, 1, 0), replicas_for(16, 0, 1, 0), replicas_for(16, 0, 4, 0), replicas_for(16, 0, 0.5, 0)] == [1, 15, 3, 15]
+    assert [replicas_for(16, 2, 1, 1.0), replicas_for(16, 2, 1, 0.5)] == [2, 4]  # one per GPU share
+    with pytest.raises(ConfigError, match="batch_wait_timeout_s=-0.1 is negative"):
+        ServeSettings.coerce({"batch_wait_timeout_s": "-0.1"})
