@@ -133,7 +133,8 @@ def _cell_legs(tmp_path, runner: str, interrupt: bool, doctor=None):
     from mbib.reproduction.run import run_cells
 
     out = tmp_path / f"{runner}-{'cut' if interrupt else 'whole'}"
-    sets = {"data.limit_train": "64", "data.limit_test": "40", "optim.batch_size": "32", "runtime.eval_every": "1",
+    sets = {"data.limit_train": "96", "data.limit_test": "40", "optim.batch_size": "32", "optim.lr": "0.02",
+            "runtime.eval_every": "1",
             "runtime.show_progress": "false", "runtime.cpus_per_worker": "1"}
     uri = f"sqlite:///{out / 'mlflow.db'}" if runner == "ray" else None
     legs = [{"runtime.inject_failure_epoch": "1", "runtime.storage_path": str(out / "leg1")}] if interrupt else []
@@ -165,8 +166,8 @@ def test_a_cell_interrupted_once_equals_an_uninterrupted_one(runner, request, tm
 
     whole, whole_weights = _cell_legs(tmp_path, runner, interrupt=False)
     cut, cut_weights = _cell_legs(tmp_path, runner, interrupt=True)
-    for key in ("final", "best", "best_epoch", "epochs"):
-        assert cut[key] == whole[key], key
+    for key in ("final", "best", "best_epoch", "epochs"):  # as JSON: a shot group without classes is NaN in both
+        assert json.dumps(cut[key]) == json.dumps(whole[key]), key
     assert all(torch.equal(cut_weights[k], whole_weights[k]) for k in whole_weights)
 
     def best_in_first_leg(carry):  # an earlier leg's best that the second leg cannot beat
