@@ -155,26 +155,42 @@ def _cell_legs(tmp_path, runner: str, interrupt: bool, doctor=None):
     return state.cells["grid/bsce/IF10"], load_checkpoint(grid.carry_path(out, plan, cell[0]))["model"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("runner", ["plain", "ray"])
-def test_a_cell_interrupted_once_equals_an_uninterrupted_one(runner, request, tmp_path):
-    import torch
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return _cell_legs(tmp_path_factory.mktemp("whole"), "plain", interrupt=False)
 
-    if runner == "ray":
-        request.getfixturevalue("ray_local")
+
+def best_in_first_leg(carry):
+    """An earlier leg's best that the second leg cannot beat: a runner that keeps only its own leg's best loses it."""
     from mbib.checkpoint import load_checkpoint, save_checkpoint
 
-    whole, whole_weights = _cell_legs(tmp_path, runner, interrupt=False)
-    cut, cut_weights = _cell_legs(tmp_path, runner, interrupt=True)
+    state = load_checkpoint(carry)
+    state["best_metrics"] = {**state["best_metrics"], "acc": 99.5, "epoch": 0}
+    state["best_acc"] = 99.5
+    save_checkpoint(state, carry)
+
+
+@pytest.mark.slow
+def test_a_plain_cell_interrupted_once_equals_an_uninterrupted_one(uninterrupted, tmp_path):
+    import torch
+
+    whole, whole_weights = uninterrupted
+    cut, cut_weights = _cell_legs(tmp_path, "plain", interrupt=True)
     for key in ("final", "best", "best_epoch", "epochs"):  # as JSON: a shot group without classes is NaN in both
         assert json.dumps(cut[key]) == json.dumps(whole[key]), key
     assert all(torch.equal(cut_weights[k], whole_weights[k]) for k in whole_weights)
-
-    def best_in_first_leg(carry):  # an earlier leg's best that the second leg cannot beat
-        state = load_checkpoint(carry)
-        state["best_metrics"] = {**state["best_metrics"], "acc": 99.5, "epoch": 0}
-        state["best_acc"] = 99.5
-        save_checkpoint(state, carry)
-
-    doctored, _ = _cell_legs(tmp_path / "doctored", runner, interrupt=True, doctor=best_in_first_leg)
+    doctored, _ = _cell_legs(tmp_path / "doctored", "plain", interrupt=True, doctor=best_in_first_leg)
     assert doctored["best"]["overall"] == 99.5 and doctored["best_epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_ray_cell_continued_elsewhere_keeps_the_best_of_every_leg(uninterrupted, ray_local, tmp_path):
+    """The Ray runner's second leg (another storage path: another machine) ends where the uninterrupted run does
+    (same engine, seed and one thread, so the plain run is the reference) and keeps the first leg's best."""
+    import torch
+
+    whole, whole_weights = uninterrupted
+    cut, cut_weights = _cell_legs(tmp_path, "ray", interrupt=True, doctor=best_in_first_leg)
+    assert json.dumps(cut["final"]) == json.dumps(whole["final"]) and cut["epochs"] == whole["epochs"]
+    assert all(torch.equal(cut_weights[k], whole_weights[k]) for k in whole_weights)
+    assert cut["best"]["overall"] == 99.5 and cut["best_epoch"] == 1
