@@ -12,7 +12,7 @@ from mbib.study.console import print_study_summary
 from mbib.config import parse_sets
 from mbib.errors import MBIBError
 from mbib.study.search import run_study
-from mbib.study.spec import DatasetSpec, StudySpec
+from mbib.study.spec import SELECTION_SPLIT, DatasetSpec, StudySpec
 
 
 # enough steps to learn digits in minutes on a laptop CPU (~600 images x 15 epochs at batch 16); the 2-epoch warm-up
@@ -41,6 +41,12 @@ def smoke_datasets(data_root: str | None = None) -> list[DatasetSpec]:
     return out
 
 
+def smoke_name(datasets: list[DatasetSpec]) -> str:
+    """The smoke study's MLflow experiment, named after the data it holds ("digits-lt-mbib-smoke")."""
+    kinds = dict.fromkeys(str(ds.overrides["data.dataset"]) for ds in datasets)  # in order, once each
+    return f"{'+'.join(kinds)}-mbib-smoke"
+
+
 def study_parser(prog: str, description: str):
     import argparse
 
@@ -55,6 +61,9 @@ def study_parser(prog: str, description: str):
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (0.25: 4 trials per GPU)")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA's first rung in epochs (default epochs/10)")
     p.add_argument("--seed", type=int, default=0, help="Optuna TPE seed")
+    p.add_argument("--selection-split", type=float, default=SELECTION_SPLIT,
+                   help="share of each class's test images that chooses epochs and trials; the rest reports "
+                        "(0: the whole test set does both, an optimistic number)")
     p.add_argument("--storage-path", default=None, help="Tune/Train results, s3://bucket/path on a cluster (default ./mbib_runs)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--data-root", default=None, help="folder holding the data (default $MBIB_DATA_ROOT)")
@@ -72,7 +81,8 @@ def study_spec(args, *, name: str, preset_name: str, datasets: list[DatasetSpec]
     overrides: dict[str, Any] = {}
     grace_period = args.grace_period
     if args.smoke:
-        datasets, preset_name, name = smoke_datasets(args.data_root), "cifar100-lt", f"{name}-smoke"
+        datasets, preset_name = smoke_datasets(args.data_root), "cifar100-lt"
+        name = smoke_name(datasets)
         reshape = dict(SMOKE_OVERRIDES)
         num_samples, max_concurrent, gpus_per_trial = 4, 2, 0.0
         grace_period = grace_period or SMOKE_GRACE_EPOCHS
@@ -83,7 +93,8 @@ def study_spec(args, *, name: str, preset_name: str, datasets: list[DatasetSpec]
                      epochs=args.epochs, reshape=reshape, num_samples=args.num_samples or num_samples,
                      max_concurrent=args.max_concurrent or max_concurrent,
                      gpus_per_trial=gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial,
-                     grace_period=grace_period, seed=args.seed, storage_path=args.storage_path,
+                     grace_period=grace_period, seed=args.seed, selection_split=args.selection_split,
+                     storage_path=args.storage_path,
                      tracking_uri=args.tracking_uri)
 
 
