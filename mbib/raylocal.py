@@ -61,8 +61,14 @@ def send_cluster_token() -> None:
 
     has_token = any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or \
         (Path.home() / ".ray" / "auth_token").is_file()
-    if has_token and "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "token"
+    if not has_token or "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray read its config when imported: its own helper re-reads it (a Ray without token auth lacks it)
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:
+        return
+    _enable_token_auth()
 
 
 def ensure_ray(dashboard: bool = False) -> None:
