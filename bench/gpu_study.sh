@@ -49,8 +49,18 @@ imports || exit 1
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c ^GPU)
 RAY_TMP=/tmp/rs$$  # Ray's own folder: its processes, and only they, carry this path (how they are stopped)
 RAY_PORT=${RAY_PORT:-6379} DASH_PORT=${DASH_PORT:-8265}
-ray start --head --port="$RAY_PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --num-cpus="$(nproc)" \
-  --num-gpus="$GPUS" --temp-dir="$RAY_TMP" --disable-usage-stats || exit 1
+stop_ray() {  # this Ray's processes only, each by its id
+  for sig in TERM KILL; do
+    for pid in $(pgrep -f -- "$RAY_TMP"); do kill -"$sig" "$pid" 2>/dev/null; done; sleep 3
+  done
+}
+trap stop_ray EXIT  # also when the call's limit or an error ends the script early
+for attempt in 1 2 3; do  # `ray start` gives its raylet 30 s: a busy machine can need another go
+  ray start --head --port="$RAY_PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" \
+    --num-cpus="$(nproc)" --num-gpus="$GPUS" --temp-dir="$RAY_TMP" --disable-usage-stats && break
+  stop_ray
+  [ "$attempt" = 3 ] && exit 1
+done
 export RAY_ADDRESS=127.0.0.1:$RAY_PORT RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH_PORT
 export MBIB_DATA_ROOT=${MBIB_DATA_ROOT:-$PWD/.gpu/data}
 STORE=$PWD/.study/store
@@ -65,9 +75,7 @@ timeout -k 10 "$LEFT" $PY studies/cifar_grid.py $ARGS --storage-path "$STORE/run
   --tracking-uri "sqlite:///$STORE/mlflow.db" --resume
 echo "study exit code $? after $(( SECONDS - START )) s"
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv 2>/dev/null
-for sig in TERM KILL; do  # this Ray's processes only, each by its id
-  for pid in $(pgrep -f -- "$RAY_TMP"); do kill -"$sig" "$pid" 2>/dev/null; done; sleep 3
-done
+stop_ray
 echo quit | timeout 10 "${MPS:-false}" 2>/dev/null
 grep -A8 -E "^[a-z0-9+-]+-if[0-9]+: [0-9]+ trials" "$LOG" > "$DEST/summary.txt"
 (cd "$STORE" && tar czf "$DEST/mlflow-store.tar.gz" mlflow.db mlartifacts)  # `mlflow ui` on it shows the study

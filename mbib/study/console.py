@@ -33,14 +33,16 @@ class StudyConsole(Callback):
         minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
         shown = "held-out split" if any(r.get("heldout") for r in self.rows.values()) else "whole test set"
         t = Table(title=f"{self.key}: {len(self.rows)} trials, {minutes}:{seconds:02d} elapsed\n"
-                        f"sel: best selection-split accuracy so far, at epoch @; acc/many/med/few: {shown}, same epoch",
-                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False,
+                        f"sel@ep: best selection-split accuracy so far and its epoch; acc/many/med/few: {shown}, "
+                        "that epoch",
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), pad_edge=False,
                   collapse_padding=True)  # 80 columns
-        for col in ("trial", "state", "epoch", "sel", "@", "acc", "many", "med", "few", *self.params):
+        for col in ("#", "state", "epoch", "sel@ep", "acc", "many", "med", "few", *self.params):
             t.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
         for r in sorted(self.rows.values(), key=lambda r: r["number"]):
-            t.add_row(str(r["number"]), r["state"], f"{r['epoch']}/{self.max_epochs}", fmt(r.get("score")),
-                      str(r.get("at", "")), *(fmt(r.get(g), 0 if g in GROUPS else 1) for g in ("acc", *GROUPS)),
+            t.add_row(str(r["number"]), r["state"], f"{r['epoch']}/{self.max_epochs}",
+                      f"{fmt(r.get('score'))}@{r['at']}" if "at" in r else "n/a",
+                      *(fmt(r.get(g), 0 if g in GROUPS else 1) for g in ("acc", *GROUPS)),
                       *(fmt(r["params"].get(p), 2) for p in self.params))
         return t
 
