@@ -24,12 +24,15 @@ def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
         options["z_dim"] = cfg.model.z_dim
     if cfg.model.input_tap:
         options["input_tap"] = True
+    if cfg.model.neck != "none":  # only when set, so checkpoints of the default net keep their spec
+        options["neck"] = cfg.model.neck
     return {"name": cfg.model.arch, "num_classes": num_classes, "options": options}
 
 
 # LossConfig field -> the criterion keyword it sets (the names the registry's defaults use)
 LOSS_FIELDS = {"beta": "beta", "a": "a", "b": "b", "m": "m", "gamma": "gamma", "weighted_mean": "weighted_mean",
-               "vsd_logits": "vsd_logits", "focal_gamma": "focal_gamma", "tau": "tau", "gml_weight": "con_weight",
+               "vsd_logits": "vsd_logits", "logit_adjust": "logit_adjust", "detach_shallow": "detach_shallow",
+               "focal_gamma": "focal_gamma", "tau": "tau", "gml_weight": "con_weight",
                "drw_epoch": "drw_epoch"}
 
 
