@@ -5,7 +5,11 @@ every test image and every training image the long-tail profiles of --ifs keep a
 other training images become a 1x1 gray PNG under their own names. Labels, member order and the class
 sizes stay as they were, so `longtail_indices` picks the same images and the data set trains the same.
 
-    python bench/lt_subset_zip.py ../shared/data/cifar100.zip .gpu/data/cifar100.zip --ifs 100
+Cao et al.'s subsets are nested (each class keeps the first n_i of one seeded shuffle, and n_i shrinks as the
+imbalance factor grows), so the IF-10 subset holds IF 50's and IF 100's: the default zip serves all three.
+
+    python bench/lt_subset_zip.py ../shared/data/cifar100.zip .gpu/data/cifar100.zip             # IF 10, 50, 100
+    python bench/lt_subset_zip.py ../shared/data/cifar100.zip .gpu/data/cifar100.zip --ifs 100   # IF 100 alone
 """
 
 from __future__ import annotations
@@ -24,16 +28,19 @@ from mbib.data.longtail import longtail_indices, lt_class_counts
 
 
 def kept_members(source: Path, ifs: list[float], seed: int) -> tuple[list[str], set[str]]:
-    """The training members (zip member names) in the loader's order, and those the long tails of `ifs` keep."""
+    """The training members (zip member names) in the loader's order, and those the long tails of `ifs` keep
+    (the smallest imbalance factor's subset, which holds the others': checked, not assumed)."""
     index = index_imagefolder(source)
     members = [m for m, _ in index.train]
     labels = np.array([y for _, y in index.train])
     sizes = np.bincount(labels, minlength=len(index.classes))
-    kept: set[str] = set()
-    for imbalance_factor in ifs:
+    subsets = []
+    for imbalance_factor in sorted(ifs):
         counts = lt_class_counts(len(index.classes), int(sizes.min()), imbalance_factor)
-        kept.update(members[i] for i in longtail_indices(labels, counts, seed))
-    return members, kept
+        subsets.append({members[i] for i in longtail_indices(labels, counts, seed)})
+    if any(not later <= subsets[0] for later in subsets[1:]):  # the loader's subsets must stay nested
+        raise SystemExit(f"the long-tail subsets of IF {sorted(ifs)} are not nested in {source}: make one zip per IF")
+    return members, set().union(*subsets)
 
 
 def placeholder() -> bytes:
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", type=Path)
     p.add_argument("dest", type=Path)
-    p.add_argument("--ifs", default="100", help="comma-separated imbalance factors whose training images to keep")
+    p.add_argument("--ifs", default="10,50,100", help="comma-separated imbalance factors whose training images to keep")
     p.add_argument("--seed", type=int, default=0, help="the runs' runtime.seed, which seeds the long-tail subset")
     args = p.parse_args(argv)
     kept, dropped = write_subset(args.source, args.dest, [float(x) for x in args.ifs.split(",")], args.seed)

@@ -1,6 +1,6 @@
 """What a finished study left on an MLflow server: parent and child runs, plots, dataset inputs, registered models.
 
-    python cluster/check_mlflow.py http://127.0.0.1:5000 cifar100-lt-mbib-smoke    # exit 1 when something is missing
+    python cluster/check_mlflow.py http://127.0.0.1:5000 digits-lt-mbib-smoke    # exit 1 when something is missing
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Screenshots of a study in the MLflow UI through headless Chromium (Debian's `chromium` + `chromium-driver`).
 
-    python cluster/screenshot_ui.py http://127.0.0.1:5000 cifar100-lt-mbib-smoke docs/img
+    python cluster/screenshot_ui.py http://127.0.0.1:5000 digits-lt-mbib-smoke docs/img
 
 Drives chromedriver over its W3C HTTP API (no Selenium needed): the experiment's run list with the parent runs
 expanded (nested trials visible) and a parent run's plots. Waits for the page's own text, not for fixed times.

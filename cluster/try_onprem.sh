@@ -129,11 +129,12 @@ timeout "${JOB_TIMEOUT:-3600}" ray job submit --address "http://127.0.0.1:$DASH_
   --tracking-uri "http://127.0.0.1:$MLFLOW_PORT" > "$WORK/job.log" 2>&1 || { tail -60 "$WORK/job.log"; exit 1; }
 grep -E "trials \(|registered|succeeded|SUCCEEDED" "$WORK/job.log" | sed 's/^/  /'
 
-# 5. what the MLflow server holds
+# 5. what the MLflow server holds (the smoke study's experiment is named after the data it trained on)
 say "checking the MLflow server"
-"$PY" "$REPO/cluster/check_mlflow.py" "http://127.0.0.1:$MLFLOW_PORT" cifar100-lt-mbib-smoke
+EXPERIMENT=$(PYTHONPATH=$REPO "$PY" -c "from mbib.study.cli import smoke_datasets, smoke_name; print(smoke_name(smoke_datasets()))")
+"$PY" "$REPO/cluster/check_mlflow.py" "http://127.0.0.1:$MLFLOW_PORT" "$EXPERIMENT"
 if [[ -n "${SCREENSHOTS:-}" ]]; then
-  PYTHONPATH=$REPO "$PY" "$REPO/cluster/screenshot_ui.py" "http://127.0.0.1:$MLFLOW_PORT" cifar100-lt-mbib-smoke "$SCREENSHOTS"
+  PYTHONPATH=$REPO "$PY" "$REPO/cluster/screenshot_ui.py" "http://127.0.0.1:$MLFLOW_PORT" "$EXPERIMENT" "$SCREENSHOTS"
 fi
 
 # 6. ray down: its `ray stop` runs inside the namespace, so only this cluster stops

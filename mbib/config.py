@@ -23,6 +23,10 @@ class DataConfig:
     limit_train: int | None = None  # keep only the first N long-tailed training images (smoke runs, tests)
     limit_test: int | None = None
     loader_workers: int = 8  # DataLoader processes for image-file data sets (ImageNet-LT, iNaturalist)
+    # share of each class's test images that chooses the best epoch (and a study's best trial); the rest report
+    # (mbib.data.split). 0: the whole test set chooses and reports, as the paper did; studies default to 0.5
+    selection_split: float = 0.0
+    selection_seed: int = 0  # fixes which test images select
 
 
 @dataclass
@@ -206,6 +210,8 @@ def validate(cfg: TrainConfig) -> None:
          "data.imbalance_factor must be >= 1 (or none: the training set as stored)"),
         (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.augment in ("standard", "strong"), "data.augment must be 'standard' or 'strong'"),
+        (0 <= cfg.data.selection_split < 1, "data.selection_split must be in [0, 1): the share of the test set that "
+         "selects (0.5: half; 0: none held out)"),
         (cfg.model.neck in ("none", "bn", "bn-post"), "model.neck must be 'none', 'bn' or 'bn-post'"),
         (not o.nesterov or o.momentum > 0, "optim.nesterov needs optim.momentum > 0"),
     ]

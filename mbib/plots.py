@@ -46,15 +46,15 @@ def plot_history(rows: list[TrialRow], path: Path, title: str) -> Path:
     """Best accuracy so far against trial number, every trial's best accuracy marked by how it ended."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    xs = [r.number for r in rows if _finite(r.acc)]
-    ys = [r.acc for r in rows if _finite(r.acc)]
+    xs = [r.number for r in rows if _finite(r.score)]
+    ys = [r.score for r in rows if _finite(r.score)]
     best = [max(ys[: i + 1]) for i in range(len(ys))]
     ax.step(xs, best, where="post", color="C3", label="best so far")
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
-        pts = [(r.number, r.acc) for r in rows if r.state == state and _finite(r.acc)]
+        pts = [(r.number, r.score) for r in rows if r.state == state and _finite(r.score)]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, color="C0", label=state.lower())
-    ax.set(xlabel="trial", ylabel="test accuracy (%)", title=title)
+    ax.set(xlabel="trial", ylabel="selection-split accuracy (%)", title=title)
     ax.legend()
     return _save(fig, plt, path)
 
@@ -63,7 +63,7 @@ def plot_beta(rows: list[TrialRow], path: Path, title: str) -> Path:
     """Accuracy against beta (the paper's Figure 3): every trial, and the mean per unit-wide beta bin."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    pts = sorted((r.params["beta"], r.acc, r.state) for r in rows if _finite(r.acc))
+    pts = sorted((r.params["beta"], r.score, r.state) for r in rows if _finite(r.score))
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
         sel = [(b, a) for b, a, s in pts if s == state]
         if sel:
@@ -75,7 +75,7 @@ def plot_beta(rows: list[TrialRow], path: Path, title: str) -> Path:
     if bins:
         ks = sorted(bins)
         ax.plot(ks, [sum(bins[k]) / len(bins[k]) for k in ks], "-s", color="C3", label="mean, beta rounded")
-    ax.set(xlabel="beta", ylabel="test accuracy (%)", xlim=(-0.2, 5.2), title=title)
+    ax.set(xlabel="beta", ylabel="selection-split accuracy (%)", xlim=(-0.2, 5.2), title=title)
     ax.legend()
     return _save(fig, plt, path)
 
@@ -87,16 +87,16 @@ def plot_ab_heatmap(rows: list[TrialRow], path: Path, title: str, bins: int = 5)
     plt = _plt()
     total, count = np.zeros((bins, bins)), np.zeros((bins, bins))
     for r in rows:
-        if r.state == "COMPLETE" and _finite(r.acc):
+        if r.state == "COMPLETE" and _finite(r.score):
             i, j = (min(int(r.params[k] * bins), bins - 1) for k in ("b", "a"))
-            total[i, j] += r.acc
+            total[i, j] += r.score
             count[i, j] += 1
     grid = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
     im = ax.imshow(grid, origin="lower", extent=(0, 1, 0, 1), cmap="viridis", aspect="auto")
-    fig.colorbar(im, ax=ax, label="mean test accuracy (%)")
+    fig.colorbar(im, ax=ax, label="mean selection-split accuracy (%)")
     for r in rows:
-        if _finite(r.acc):
+        if _finite(r.score):
             full = r.state == "COMPLETE"  # an "x" has no edge: matplotlib warns when given one
             ax.scatter(r.params["a"], r.params["b"], marker="o" if full else "x", color="w", edgecolors="k" if full else None)
     ax.set(xlabel="a", ylabel="b", title=title)

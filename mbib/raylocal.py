@@ -53,6 +53,24 @@ def patient_dashboard_start() -> None:
                                                             DASHBOARD_START_TIMEOUT_S)
 
 
+def send_cluster_token() -> None:
+    """Joining a running cluster: Ray 2.60's `ray start --head` turns token authentication on when a token exists
+    (~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), but a driver that joins it sends none unless
+    RAY_AUTH_MODE=token, and is refused ("InvalidAuthToken"). Send it then; RAY_AUTH_MODE set by the user stays."""
+    from pathlib import Path
+
+    has_token = any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or \
+        (Path.home() / ".ray" / "auth_token").is_file()
+    if not has_token or "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray read its config when imported: its own helper re-reads it (a Ray without token auth lacks it)
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:
+        return
+    _enable_token_auth()
+
+
 def ensure_ray(dashboard: bool = False) -> None:
     """Join RAY_ADDRESS's cluster, else start a fresh local Ray (never a stale `ray start` left on the machine).
 
@@ -65,7 +83,9 @@ def ensure_ray(dashboard: bool = False) -> None:
         return
     patient_dashboard_start()
     api, kwargs = os.environ.get("RAY_API_SERVER_ADDRESS"), {}
-    if not os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):
+        send_cluster_token()
+    else:
         kwargs = {"address": "local"}
         if dashboard:
             port = free_port()

@@ -213,3 +213,27 @@ def test_head_weight_decay_applies_to_the_classifier_heads_only():
     assert rest and not heads & {id(p) for p in rest}  # backbone and bottleneck keep optim.weight_decay
     default = build_task(preset("cifar100-lt"), model_spec(cfg, 3), [500, 100, 10]).param_groups()
     assert len(default) == 1  # unset: one group, every weight at optim.weight_decay (the paper)
+
+
+def test_study_flags_choose_data_sets_and_refuse_gpu_counts_ray_cannot_place():
+    import runpy
+    from pathlib import Path
+
+    from mbib.study.cli import study_parser, study_spec
+
+    grid = runpy.run_path(str(Path(__file__).parents[1] / "studies" / "cifar_grid.py"))["DATASETS"]
+
+    def spec(*argv):
+        return study_spec(study_parser("s", "").parse_args(list(argv)), name="s", preset_name="cifar100-lt",
+                          datasets=grid, num_samples=24, max_concurrent=8, gpus_per_trial=0.25)
+
+    assert [d.key for d in spec("--only", "cifar100-lt-if100").datasets] == ["cifar100-lt-if100"]
+    assert [d.key for d in spec("--only", "cifar100-lt-if10,cifar100-lt-if100").datasets] == \
+        ["cifar100-lt-if100", "cifar100-lt-if10"]  # the study's order
+    with pytest.raises(ConfigError, match="--only cifar10: this study's data sets are cifar100-lt-if10, "):
+        spec("--only", "cifar10")
+    one = spec("--gpus-per-trial", "0.125")
+    assert one.gpus_per_trial == 0.125 and one.base_config(one.datasets[0]).runtime.gpus_per_worker == 0.125
+    assert spec().gpus_per_trial == 0.25 and spec("--gpus-per-trial", "2").gpus_per_trial == 2
+    with pytest.raises(ConfigError, match="--gpus-per-trial 1.5: Ray takes a fraction up to 1"):
+        spec("--gpus-per-trial", "1.5")

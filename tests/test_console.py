@@ -46,43 +46,28 @@ def test_verbose_mode_shows_worker_logs_but_not_the_cleaners_gcs_traceback(quiet
     assert console.tune_verbosity() == 2
 
 
-def test_study_summary_shows_best_trial_n_a_for_empty_groups_and_the_mlflow_command(capsys):
+def test_study_summary_says_which_split_selected_and_which_reported(capsys):
     params = {"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}
-    best = TrialRow("t0", 1, params, 84.0, 15, "COMPLETE", None, {"acc": 84.0, "many": 98.3, "few": 70.0}, {})
+    best = TrialRow("t0", 1, params, 84.0, 15, "COMPLETE", None,
+                    {"acc": 83.0, "heldout_acc": 82.0, "heldout_many": 98.3, "heldout_few": 70.0, "epochs_done": 12}, {})
     stopped = TrialRow("t1", 2, params, 40.0, 5, "PRUNED", None, {"acc": 40.0}, {})
-    outcome = DatasetOutcome("digits-lt-if10", "", "run", [best, stopped], best, {}, "mbib-digits-lt-if10", "1")
+    outcome = DatasetOutcome("digits-lt-if10", "", "run", [best, stopped], best, {}, "mbib-digits-lt-if10", "1",
+                             ("the selection split", "the held-out split"))
     study_console.print_study_summary([outcome], "sqlite:///x/mlflow.db", "mlflow ui --backend-store-uri sqlite:///x/mlflow.db", 190)
     out = capsys.readouterr().out
     assert "digits-lt-if10: 2 trials, 1 stopped early by ASHA" in out
-    assert "best: trial 1, accuracy 84.0% (many 98.3, medium n/a, few 70.0) after 15 epochs" in out  # medium had no value
-    assert "models:/mbib-digits-lt-if10/1" in out and "study took 3.2 min" in out
+    assert "best: trial 1, chosen at epoch 12 of 15 by selection score 84.0% on the selection split" in out
+    # the held-out number of the chosen epoch is the one reported; medium had no value
+    assert "report: accuracy 82.0% (many 98.3, medium n/a, few 70.0) on the held-out split; whole test set 83.0%" in out
+    assert "models:/mbib-digits-lt-if10/1 (epoch 12)" in out and "study took 3.2 min" in out
     assert "mlflow ui --backend-store-uri sqlite:///x/mlflow.db" in out
 
 
-def test_study_table_survives_tunes_pickling_and_shows_n_a_for_an_empty_group(quiet):
-    import io
-    import pickle
-    from types import SimpleNamespace
+def test_smoke_study_is_named_after_the_data_it_trains_on():
+    from mbib.study.cli import smoke_name
+    from mbib.study.spec import DatasetSpec
 
-    from rich.console import Console
-
-    table = study_console.study_callbacks("digits-lt-if10", 15, ("beta", "a"))[0]
-    table.console = Console(file=io.StringIO(), force_terminal=True, width=80)  # a terminal: the live display starts
-    trial = SimpleNamespace(trial_id="abc", config={"beta": 5.0, "a": 0.1})
-    table.on_trial_start(0, [], trial)
-    table.on_trial_result(0, [], trial, {"epochs_done": 5, "acc": 41.0, "many": 90.0, "medium": math.nan, "few": 10.0})
-    assert table.live is not None
-    copy = pickle.loads(pickle.dumps(table))  # Tune saves callbacks with its experiment state
-    assert copy.live is None and copy.rows["abc"]["acc"] == 41.0
-    table.on_trial_complete(0, [], trial)
-    table.on_experiment_end([])
-    out = table.console.file.getvalue()
-    assert "stopped" in out and "n/a" in out and "41.0" in out
-
-
-def test_a_failed_trial_is_told_in_one_line():
-    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1\nray.train.WorkerGroupError: Training failed\n" \
-            "mbib.errors.DataError: digits-lt needs scikit-learn: pip install scikit-learn\n"
-    assert console.error_line(trace) == "mbib.errors.DataError: digits-lt needs scikit-learn: pip install scikit-learn"
-    oom = trace + "5 worker(s) were killed due to the node running low on memory.\n"
-    assert console.error_line(oom).startswith("out of memory")
+    digits = DatasetSpec("digits-lt-if10", {"data.dataset": "digits-lt"})
+    mnist = DatasetSpec("mnist-lt-if10", {"data.dataset": "mnist-lt"})
+    assert smoke_name([digits]) == "digits-lt-mbib-smoke"
+    assert smoke_name([mnist, digits]) == "mnist-lt+digits-lt-mbib-smoke"

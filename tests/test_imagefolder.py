@@ -197,3 +197,10 @@ def test_lt_subset_zip_loads_the_same_long_tailed_set(tmp_path):
     c = load_dataset(f"imagefolder:{full}", imbalance_factor=5, image_size=8)  # an IF it was not made for differs
     d = load_dataset(f"imagefolder:{small}", imbalance_factor=5, image_size=8)
     assert not torch.equal(c.x_train, d.x_train)
+    # nested subsets: one zip made for IF 2, 5 and 10 holds exactly IF 2's images and serves all three
+    nested = tmp_path / "nested.zip"
+    assert tool.write_subset(full, nested, [10.0, 5.0, 2.0], seed=0) == (10 + 8 + 7 + 5 + 5, 50 - 35)
+    for imbalance_factor in (2, 5, 10):
+        e = load_dataset(f"imagefolder:{full}", imbalance_factor=imbalance_factor, image_size=8)
+        f = load_dataset(f"imagefolder:{nested}", imbalance_factor=imbalance_factor, image_size=8)
+        assert torch.equal(e.x_train, f.x_train) and torch.equal(e.y_train, f.y_train)

@@ -41,7 +41,7 @@ def _client(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
-    proc = _driver(tmp, "--num-samples", "2", "--epochs", "1")
+    proc = _driver(tmp, "--num-samples", "2", "--epochs", "3")  # three evaluations: the chosen one need not be last
     assert proc.wait(timeout=900) == 0, (tmp / "driver.log").read_text()[-3000:]
     return tmp
 
@@ -74,9 +74,23 @@ def test_smoke_study_logs_parent_child_runs_plots_and_registers(smoke):
         tpe = {k: round(v, 6) for k, v in _tpe_proposals(seed=0, n=1)[0].items()}
         assert sorted(map(str, [{k: round(v, 6) for k, v in t.items()} for t in tried])) == \
             sorted(map(str, [paper, tpe]))
+        # the best trial is the child with the highest selection score, chosen on the selection split
+        assert p.data.tags["mbib.selected_on"].startswith("the selection split: 50%")
+        assert p.data.tags["mbib.reported_on"].startswith("the held-out split")
+        history = {c.data.tags["mbib.trial_id"]: [(m.value, int(m.step)) for m in
+                                                 client.get_metric_history(c.info.run_id, "select_acc")] for c in kids}
+        assert all(len(h) == 3 for h in history.values()) and all("heldout_acc" in c.data.metrics for c in kids)
+        best_id = max(history, key=lambda t: max(v for v, _ in history[t]))
+        assert p.data.params["best_trial_id"] == best_id
+        score, epoch = max(history[best_id])  # the latest epoch on ties, as Ray's num_to_keep keeps it
+        assert int(p.data.params["best_epoch"]) == epoch and p.data.metrics["best_select_acc"] == score
+        # the registered model is that child's checkpoint of that epoch
         name, version = p.data.tags["mbib.registered_model"], p.data.tags["mbib.registered_version"]
+        mv = client.get_model_version(name, version)
+        assert mv.run_id == next(c.info.run_id for c in kids if c.data.tags["mbib.trial_id"] == best_id)
         model, state = model_from_checkpoint(load_registered_checkpoint(name, version, f"sqlite:///{smoke / 'mlflow.db'}"))
         assert state["model_spec"]["num_classes"] == 10
+        assert int(state["epoch"]) + 1 == epoch and state["metrics"]["select_acc"] == pytest.approx(score)
 
 
 def _tpe_proposals(seed, n):

@@ -10,9 +10,9 @@ from typing import Any
 from mbib import console, tracking
 from mbib.study.console import print_study_summary
 from mbib.config import parse_sets
-from mbib.errors import MBIBError
+from mbib.errors import ConfigError, MBIBError
 from mbib.study.search import run_study
-from mbib.study.spec import DatasetSpec, StudySpec
+from mbib.study.spec import SELECTION_SPLIT, DatasetSpec, StudySpec
 
 
 # enough steps to learn digits in minutes on a laptop CPU (~600 images x 15 epochs at batch 16); the 2-epoch warm-up
@@ -41,6 +41,21 @@ def smoke_datasets(data_root: str | None = None) -> list[DatasetSpec]:
     return out
 
 
+def smoke_name(datasets: list[DatasetSpec]) -> str:
+    """The smoke study's MLflow experiment, named after the data it holds ("digits-lt-mbib-smoke")."""
+    kinds = dict.fromkeys(str(ds.overrides["data.dataset"]) for ds in datasets)  # in order, once each
+    return f"{'+'.join(kinds)}-mbib-smoke"
+
+
+def chosen_datasets(datasets: list[DatasetSpec], only: str) -> list[DatasetSpec]:
+    """The data sets --only names, in the study's order; an unknown key is one line naming the known ones."""
+    keys = [k.strip() for k in only.split(",") if k.strip()]
+    known = {ds.key for ds in datasets}
+    if not keys or set(keys) - known:
+        raise ConfigError(f"--only {only}: this study's data sets are {', '.join(sorted(known))}")
+    return [ds for ds in datasets if ds.key in keys]
+
+
 def study_parser(prog: str, description: str):
     import argparse
 
@@ -52,9 +67,15 @@ def study_parser(prog: str, description: str):
     p.add_argument("--num-samples", type=int, default=None, help="trials per data set")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (the full budget ASHA compares to)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction per trial (0.25: 4 trials per GPU)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per trial, a fraction to share one (0.25: 4 trials per GPU); 0 trains on CPUs")
+    p.add_argument("--only", default=None, metavar="KEYS",
+                   help="run only these data sets, comma-separated (e.g. cifar100-lt-if100)")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA's first rung in epochs (default epochs/10)")
     p.add_argument("--seed", type=int, default=0, help="Optuna TPE seed")
+    p.add_argument("--selection-split", type=float, default=SELECTION_SPLIT,
+                   help="share of each class's test images that chooses epochs and trials; the rest reports "
+                        "(0: the whole test set does both, an optimistic number)")
     p.add_argument("--storage-path", default=None, help="Tune/Train results, s3://bucket/path on a cluster (default ./mbib_runs)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--data-root", default=None, help="folder holding the data (default $MBIB_DATA_ROOT)")
@@ -72,18 +93,26 @@ def study_spec(args, *, name: str, preset_name: str, datasets: list[DatasetSpec]
     overrides: dict[str, Any] = {}
     grace_period = args.grace_period
     if args.smoke:
-        datasets, preset_name, name = smoke_datasets(args.data_root), "cifar100-lt", f"{name}-smoke"
+        datasets, preset_name = smoke_datasets(args.data_root), "cifar100-lt"
+        name = smoke_name(datasets)
         reshape = dict(SMOKE_OVERRIDES)
         num_samples, max_concurrent, gpus_per_trial = 4, 2, 0.0
         grace_period = grace_period or SMOKE_GRACE_EPOCHS
     elif args.data_root:
         overrides["data.data_root"] = args.data_root
+    if args.only:
+        datasets = chosen_datasets(datasets, args.only)
+    gpus_per_trial = gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial
+    if gpus_per_trial < 0 or (gpus_per_trial > 1 and not float(gpus_per_trial).is_integer()):
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: Ray takes a fraction up to 1 (trials share a GPU) "
+                          "or a whole number of GPUs; pass e.g. 0.25 or 2")
     overrides.update(parse_sets(args.overrides))
     return StudySpec(name=args.name or name, preset=preset_name, datasets=datasets, overrides=overrides,
                      epochs=args.epochs, reshape=reshape, num_samples=args.num_samples or num_samples,
                      max_concurrent=args.max_concurrent or max_concurrent,
-                     gpus_per_trial=gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial,
-                     grace_period=grace_period, seed=args.seed, storage_path=args.storage_path,
+                     gpus_per_trial=gpus_per_trial,
+                     grace_period=grace_period, seed=args.seed, selection_split=args.selection_split,
+                     storage_path=args.storage_path,
                      tracking_uri=args.tracking_uri)
 
 

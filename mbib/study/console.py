@@ -12,6 +12,8 @@ from rich.live import Live
 from rich.table import Table
 
 from mbib.console import GROUPS, error_line, fmt, verbose
+from mbib.study.results import finite
+from mbib.study.spec import BUDGET, METRIC
 
 
 class StudyConsole(Callback):
@@ -29,13 +31,19 @@ class StudyConsole(Callback):
 
     def _table(self) -> Table:
         minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
-        t = Table(title=f"{self.key}: {len(self.rows)} trials, {minutes}:{seconds:02d} elapsed", title_justify="left",
-                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False, collapse_padding=True)  # 80 columns
-        for col in ("trial", "state", "epoch", "acc", "many", "med", "few", *self.params):
+        shown = "held-out split" if any(r.get("heldout") for r in self.rows.values()) else "whole test set"
+        t = Table(title=f"{self.key}: {len(self.rows)} trials, {minutes}:{seconds:02d} elapsed\n"
+                        f"sel@ep: best selection-split accuracy so far and its epoch; acc/many/med/few: {shown}, "
+                        "that epoch",
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), pad_edge=False,
+                  collapse_padding=True)  # 80 columns
+        for col in ("#", "state", "epoch", "sel@ep", "acc", "many", "med", "few", *self.params):
             t.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
         for r in sorted(self.rows.values(), key=lambda r: r["number"]):
-            t.add_row(str(r["number"]), r["state"], f"{r['epoch']}/{self.max_epochs}", fmt(r.get("acc")),
-                      *(fmt(r.get(g), 0) for g in GROUPS), *(fmt(r["params"].get(p), 2) for p in self.params))
+            t.add_row(str(r["number"]), r["state"], f"{r['epoch']}/{self.max_epochs}",
+                      f"{fmt(r.get('score'))}@{r['at']}" if "at" in r else "n/a",
+                      *(fmt(r.get(g), 0 if g in GROUPS else 1) for g in ("acc", *GROUPS)),
+                      *(fmt(r["params"].get(p), 2) for p in self.params))
         return t
 
     def _refresh(self, finished=None) -> None:
@@ -45,7 +53,8 @@ class StudyConsole(Callback):
             if finished is not None:
                 r = self.rows[finished.trial_id]
                 self._say(f"{self.key} trial {r['number']}: {r['state']} at epoch {r['epoch']}/{self.max_epochs}, "
-                          f"acc {fmt(r.get('acc'))}")
+                          f"selection score {fmt(r.get('score'))} at epoch {r.get('at', 'n/a')} "
+                          f"({'held-out' if r.get('heldout') else 'whole test set'} acc {fmt(r.get('acc'))})")
             return
         if self.live is None:
             self.live = Live(self._table(), console=self.console, auto_refresh=False)
@@ -68,9 +77,12 @@ class StudyConsole(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
-        row["epoch"] = int(result.get("epochs_done", row["epoch"]))
-        if "acc" in result:
-            row.update({k: result.get(k) for k in ("acc", *GROUPS)})
+        row["epoch"] = int(result.get(BUDGET, row["epoch"]))
+        score = result.get(METRIC)
+        if finite(score) and score >= row.get("score", -1.0):  # a best epoch on the selection split (latest on ties)
+            held = "heldout_acc" in result  # what the row shows beside it: the held-out part, else the whole test set
+            row.update(score=score, at=row["epoch"], heldout=held,
+                       **{k: result.get(f"heldout_{k}" if held else k) for k in ("acc", *GROUPS)})
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -105,17 +117,24 @@ def study_callbacks(dataset_key: str, max_epochs: int, params) -> list:
 
 
 def print_study_summary(outcomes: list, uri: str, ui_command: str, seconds: float | None = None) -> None:
-    """Per data set: trials run, the best full-budget trial's accuracy (overall and per shot group), its model."""
+    """Per data set: trials run, the best trial by selection score, and its chosen epoch's held-out numbers
+    (the number to report), each labelled with the split it comes from."""
     for o in outcomes:
         b, stopped = o.best, sum(r.state == "PRUNED" for r in o.rows)
         print(f"{o.key}: {len(o.rows)} trials, {stopped} stopped early by ASHA")
         if b is None:
             print("  no successful trial")
             continue
-        groups = ", ".join(f"{g} {fmt(b.metrics.get(g))}" for g in GROUPS)
-        print(f"  best: trial {b.number}, accuracy {fmt(b.acc)}% ({groups}) after {b.epochs_done} epochs")
+        selected, reported = o.selection
+        print(f"  best: trial {b.number}, chosen at epoch {b.epoch} of {b.epochs_done} by selection score "
+              f"{fmt(b.score)}% on {selected}")
+        held = "heldout_acc" in b.metrics
+        prefix = "heldout_" if held else ""
+        groups = ", ".join(f"{g} {fmt(b.metrics.get(prefix + g))}" for g in GROUPS)
+        print(f"  report: accuracy {fmt(b.metrics.get(prefix + 'acc'))}% ({groups}) on {reported}"
+              + (f"; whole test set {fmt(b.metrics.get('acc'))}%" if held else ""))
         print("  settings: " + " ".join(f"{k}={v:.2g}" for k, v in b.params.items())
-              + f"; registered as models:/{o.model_name}/{o.model_version}")
+              + f"; registered as models:/{o.model_name}/{o.model_version} (epoch {b.epoch})")
     if seconds is not None:
         print(f"study took {seconds / 60:.1f} min")
     print(f"MLflow store: {uri}")

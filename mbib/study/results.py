@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
+from mbib.data.split import HELDOUT
 from mbib.study.spec import BUDGET, METRIC, SEARCH_SPACE
+
+REPORTED = ("acc", "many", "medium", "few", *HELDOUT)  # a chosen epoch's numbers kept for the report
 
 
 @dataclass
 class TrialRow:
-    """One trial as the study sees it: its params, its best evaluation and how much budget it used."""
+    """One trial as the study sees it: its params, its chosen epoch (best on the selection split) and the budget used."""
 
     trial_id: str
     number: int
     params: dict[str, float]
-    acc: float
+    score: float  # the chosen epoch's selection-split accuracy: what ranks trials (NaN: never evaluated)
     epochs_done: int
     state: str  # "COMPLETE" (full budget), "PRUNED" (stopped by ASHA), "FAIL"
-    checkpoint_path: str | None
-    metrics: dict[str, float]
-    intermediate: dict[int, float]  # epochs_done -> acc, what ASHA compared
+    checkpoint_path: str | None  # the chosen epoch's checkpoint
+    metrics: dict[str, float]  # the chosen epoch's report: acc/many/medium/few (whole test set), heldout_*, epoch
+    intermediate: dict[int, float]  # epochs_done -> selection score, what ASHA compared
     worker_nodes: str = ""
+
+    @property
+    def epoch(self) -> int:
+        """The chosen epoch, counted from 1 (0: none)."""
+        return int(self.metrics.get(BUDGET, 0))
 
 
 @dataclass
@@ -35,27 +44,34 @@ class DatasetOutcome:
     importances: dict[str, float]
     model_name: str | None
     model_version: str | None
+    selection: tuple[str, str] = ("the whole test set", "the whole test set")  # (what selected, what reports)
 
 
 def collect_rows(result_grid, max_epochs: int) -> list[TrialRow]:
-    rows = []
-    for res in result_grid:
-        df, last = res.metrics_dataframe, res.metrics or {}
-        tid = last.get("trial_id") or Path(res.path).name
-        params = {k: float(res.config[k]) for k in SEARCH_SPACE}
-        evals = df[df[METRIC].notna()] if df is not None and METRIC in df else None
-        if evals is None or evals.empty:
-            rows.append(TrialRow(tid, trial_number(tid, res.path), params, float("nan"), 0, "FAIL", None, {}, {}))
-            continue
-        best = evals.loc[evals[METRIC].idxmax()]
-        done = int(df[BUDGET].max())
-        state = "FAIL" if res.error else ("COMPLETE" if done >= max_epochs else "PRUNED")
-        metrics = {k: float(best[k]) for k in ("acc", "many", "medium", "few") if k in best and finite(best[k])}
-        nodes = ",".join(sorted({n for v in df.get("worker_nodes", []) if isinstance(v, str) for n in v.split(",") if n}))
-        rows.append(TrialRow(tid, trial_number(tid, res.path), params, float(best[METRIC]), done, state,
-                             best.get("checkpoint_path") if isinstance(best.get("checkpoint_path"), str) else None,
-                             metrics, {int(e): float(a) for e, a in zip(evals[BUDGET], evals[METRIC])}, nodes))
-    return sorted(rows, key=lambda r: r.number)
+    """One row per Tune result (anything with metrics_dataframe, metrics, config, path and error), by number."""
+    return sorted((trial_row(res, max_epochs) for res in result_grid), key=lambda r: r.number)
+
+
+def trial_row(res, max_epochs: int) -> TrialRow:
+    """A trial's row: its chosen epoch is the evaluation with the highest finite selection score (the latest on
+    ties), whichever epoch that is; a trial that raised is FAIL, one stopped short of max_epochs PRUNED."""
+    df, last = res.metrics_dataframe, res.metrics or {}
+    tid = last.get("trial_id") or Path(res.path).name
+    params = {k: float(res.config[k]) for k in SEARCH_SPACE}
+    has = df is not None and not df.empty
+    done = int(df[BUDGET].max()) if has and BUDGET in df and df[BUDGET].notna().any() else 0
+    state = "FAIL" if res.error or not has else ("COMPLETE" if done >= max_epochs else "PRUNED")
+    evals = df[df[METRIC].map(finite)] if has and METRIC in df else None
+    nodes = ",".join(sorted({n for v in (df.get("worker_nodes", []) if has else []) if isinstance(v, str)
+                             for n in v.split(",") if n}))
+    if evals is None or evals.empty:
+        return TrialRow(tid, trial_number(tid, res.path), params, float("nan"), done, state, None, {}, {}, nodes)
+    best = evals.loc[evals[METRIC].astype(float)[::-1].idxmax()]  # the latest on ties, the one Ray's num_to_keep keeps
+    metrics = {k: float(best[k]) for k in (*REPORTED, METRIC, BUDGET) if k in best and finite(best[k])}
+    checkpoint = best.get("checkpoint_path")
+    return TrialRow(tid, trial_number(tid, res.path), params, float(best[METRIC]), done, state,
+                    checkpoint if isinstance(checkpoint, str) else None, metrics,
+                    {int(e): float(a) for e, a in zip(evals[BUDGET], evals[METRIC])}, nodes)
 
 
 def trial_number(trial_id: str, trial_dir: str) -> int:
@@ -65,14 +81,15 @@ def trial_number(trial_id: str, trial_dir: str) -> int:
 
 
 def finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # numpy's too
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:
-    """Best full-budget trial; only if none ran the full budget, the best of the stopped ones."""
-    full = [r for r in rows if r.state == "COMPLETE"]
-    pool = full or [r for r in rows if r.state == "PRUNED"]
-    return max(pool, key=lambda r: r.acc) if pool else None
+    """The trial with the highest selection score among the full-budget ones; only if none ran the full budget,
+    among the stopped ones. Failed and never-evaluated trials never win."""
+    scored = [r for r in rows if finite(r.score)]
+    pool = [r for r in scored if r.state == "COMPLETE"] or [r for r in scored if r.state == "PRUNED"]
+    return max(pool, key=lambda r: r.score) if pool else None
 
 
 def optuna_study(rows: list[TrialRow]):
@@ -83,17 +100,18 @@ def optuna_study(rows: list[TrialRow]):
     study = optuna.create_study(direction="maximize")
     dists = {k: optuna.distributions.FloatDistribution(lo, hi) for k, (lo, hi) in SEARCH_SPACE.items()}
     for r in rows:
-        if r.state == "FAIL":
+        if r.state == "FAIL" or not finite(r.score):
             continue
         state = optuna.trial.TrialState.COMPLETE if r.state == "COMPLETE" else optuna.trial.TrialState.PRUNED
         study.add_trial(optuna.trial.create_trial(params=r.params, distributions=dists, state=state,
-                                                  value=r.acc if r.state == "COMPLETE" else None,
+                                                  value=r.score if r.state == "COMPLETE" else None,
                                                   intermediate_values=r.intermediate))
     return study
 
 
 def param_importances(rows: list[TrialRow]) -> tuple[dict[str, float], str]:
-    """Optuna's importances over the full-budget trials; with fewer than two, over every trial's best score."""
+    """Optuna's importances of the selection score over the full-budget trials; with fewer than two, over every
+    trial's chosen-epoch score."""
     import optuna
 
     study = optuna_study(rows)

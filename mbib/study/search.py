@@ -16,6 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 from mbib import console, tracking
 from mbib.study.console import study_callbacks
 from mbib.config import TrainConfig
+from mbib.data.split import describe_split
 from mbib.errors import ConfigError, MBIBError
 from mbib.raylocal import ensure_ray
 from mbib.storelock import LockPatientClient
@@ -121,7 +122,9 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
         tracking.log_params(client, parent_id, {"study": spec.name, "dataset_key": ds.key, "num_samples": spec.num_samples,
                                                 "max_concurrent": spec.max_concurrent, "epochs": epochs,
                                                 "gpus_per_trial": spec.gpus_per_trial, "sampler": f"TPE(seed={spec.seed})",
-                                                "scheduler": "ASHA", "pruned_trials_told_as": "PRUNED"})
+                                                "scheduler": "ASHA", "pruned_trials_told_as": "PRUNED",
+                                                "selection_split": base.data.selection_split,
+                                                "selection_seed": base.data.selection_seed, "selected_by": METRIC})
         tracking.log_dataset(client, parent_id, ds.key, base.data)
     logger = MLflowTrialLogger(uri, experiment_id, parent_id, ds.key, epochs)
     if not exists:
@@ -145,13 +148,14 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
         print(f"{ds.key}: logged {late} records the tracking server had missed (tagged {TAG_LATE})")
     rows = collect_rows(grid, epochs)
     best, (importances, basis) = best_row(rows), param_importances(rows)
-    log_summary(client, parent_id, ds.key, rows, best, importances, basis)
+    selection = describe_split(base.data.selection_split, base.data.selection_seed)
+    log_summary(client, parent_id, ds.key, rows, best, importances, basis, selection)
     model_name = version = None
     if best is not None:
         model_name = f"mbib-{ds.key}"
         version = register_best(client, parent_id, experiment_id, best, model_name)
     client.set_terminated(parent_id, "FINISHED")
-    return DatasetOutcome(ds.key, exp_path, parent_id, rows, best, importances, model_name, version)
+    return DatasetOutcome(ds.key, exp_path, parent_id, rows, best, importances, model_name, version, selection)
 
 
 def check_study_state(spec: StudySpec, resume: bool) -> None:

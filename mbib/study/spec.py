@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from mbib.config import TrainConfig, apply_overrides, resolve_config
+from mbib.data.split import SELECT_METRIC
 from mbib.train.build import loss_settings
 
 SEARCH_SPACE: dict[str, tuple[float, float]] = {  # the paper's ranges (Sec. 4.2, Fig. 3-4)
     "beta": (0.0, 5.0), "a": (0.0, 1.0), "b": (0.0, 1.0), "m": (0.0, 0.5), "gamma": (0.0, 1.0)}
-METRIC, BUDGET = "acc", "epochs_done"  # what ASHA and Optuna compare, and ASHA's clock
+METRIC, BUDGET = SELECT_METRIC, "epochs_done"  # what ASHA, Optuna and the best trial compare; ASHA's clock
+SELECTION_SPLIT = 0.5  # a study's default data.selection_split: half of each class's test images select
 
 
 @dataclass
@@ -34,11 +36,13 @@ class StudySpec:
     grace_period: int | None = None  # ASHA's first rung in epochs; None -> epochs // 10
     reduction_factor: int = 3
     seed: int = 0
+    selection_split: float = SELECTION_SPLIT  # data.selection_split of every trial (--set can still change it)
     storage_path: str | None = None  # Tune + Train results; s3://... on a cluster
     tracking_uri: str | None = None
 
     def base_config(self, ds: DatasetSpec) -> TrainConfig:
-        cfg = resolve_config(self.preset, {**self.overrides, **ds.overrides}, epochs=self.epochs, reshape=self.reshape,
+        cfg = resolve_config(self.preset, {"data.selection_split": self.selection_split, **self.overrides, **ds.overrides},
+                             epochs=self.epochs, reshape=self.reshape,
                              pin_data_root=True)  # trials run in other working directories
         if self.gpus_per_trial > 0:  # a fraction of a GPU per Train worker lets small trials share one GPU
             cfg = apply_overrides(cfg, {"runtime.use_gpu": True,
@@ -60,3 +64,4 @@ def trial_train_config(config: dict[str, Any]) -> TrainConfig:
     """The Train config of one trial: the data set's base config with the searched loss settings."""
     cfg = TrainConfig.from_dict(config["train"])
     return apply_overrides(cfg, {f"loss.{k}": config[k] for k in SEARCH_SPACE})
+

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from mbib import tracking
 from mbib.checkpoint import CHECKPOINT_FILE, checkpoint_file, load_checkpoint
+from mbib.data.split import SELECT_METRIC
 from mbib.errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, model_name: str) -> str:
-    """Log the best trial's checkpoint.pt on its child run and register it; once per parent run."""
+    """Log the checkpoint.pt of the best trial's chosen epoch on its child run and register it; once per parent run."""
     import ray.train
 
     from mbib.tracking.trials import find_child_runs
@@ -39,15 +40,17 @@ def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, mo
         client.create_registered_model(model_name, description="best checkpoint of an mbib study (checkpoint.pt)")
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     version = client.create_model_version(model_name, source=source, run_id=run_id,
-                                          tags={"trial_id": best.trial_id, "acc": f"{best.acc:.3f}"}).version
+                                          tags={"trial_id": best.trial_id, "epoch": str(best.epoch),
+                                                "select_acc": f"{best.score:.3f}",
+                                                **{k: f"{v:.3f}" for k, v in best.metrics.items() if k.startswith("heldout_")}}).version
     client.set_tag(parent_id, "mbib.registered_model", model_name)
     client.set_tag(parent_id, "mbib.registered_version", str(version))
     return str(version)
 
 
 def kept_checkpoint(path: str) -> str:
-    """The best report's checkpoint, or, when Ray's num_to_keep broke an accuracy tie the other way and deleted
-    it (or a killed writer left it partial), the readable sibling with the highest accuracy (later on ties)."""
+    """The best report's checkpoint, or, when Ray's num_to_keep broke a selection-score tie the other way and deleted
+    it (or a killed writer left it partial), the readable sibling with the highest selection score (later on ties)."""
     local = Path(path)
     if "://" in path or _checkpoint_acc(local / CHECKPOINT_FILE) is not None:
         return path
@@ -59,9 +62,10 @@ def kept_checkpoint(path: str) -> str:
 
 
 def _checkpoint_acc(path: Path) -> float | None:
-    """The checkpoint's accuracy, or None when it is missing or unreadable (a partial epoch_* folder)."""
+    """The checkpoint's selection score, or None when it is missing or unreadable (a partial epoch_* folder)."""
     try:
-        return float(load_checkpoint(path).get("metrics", {}).get("acc", -1.0))
+        metrics = load_checkpoint(path).get("metrics", {})
+        return float(metrics.get(SELECT_METRIC, metrics.get("acc", -1.0)))  # "acc": checkpoints older than the split
     except TrainingError:
         return None
 

@@ -136,8 +136,8 @@ class MLflowTrialLogger(tune.Callback):
         done = int((trial.last_result or {}).get(BUDGET, 0))
         self.client.set_tag(run_id, "mbib.stopped_early", str(done < self.max_epochs).lower())
         accs = [m.value for m in self.client.get_metric_history(run_id, METRIC)]
-        if accs:  # the run list shows names without configuring columns: the score goes there too
-            self.client.set_tag(run_id, "mlflow.runName", f"{run.info.run_name} acc {max(accs):.1f}")
+        if accs:  # the run list shows names without configuring columns: the selection score goes there too
+            self.client.set_tag(run_id, "mlflow.runName", f"{run.info.run_name} sel {max(accs):.1f}")
         self.client.set_terminated(run_id, "FINISHED")
         return True
 
@@ -188,17 +188,22 @@ def parent_run(client, experiment_id: str, study: str, key: str, reuse: bool) ->
 
 
 def log_summary(client, parent_id: str, key: str, rows: list[TrialRow], best: TrialRow | None,
-                importances: dict[str, float], basis: str) -> None:
-    """Record best trial, optimisation history, importances and the four plots on the parent run."""
+                importances: dict[str, float], basis: str, selection: tuple[str, str]) -> None:
+    """Record the best trial (chosen by selection score; its chosen epoch's numbers), the optimisation history,
+    importances and the four plots on the parent run, with which split selected and which reports."""
+    client.set_tag(parent_id, "mbib.selected_on", selection[0])
+    client.set_tag(parent_id, "mbib.reported_on", selection[1])
     if best is not None:
         tracking.log_params(client, parent_id, {f"best_{k}": v for k, v in best.params.items()}
-                            | {"best_trial_id": best.trial_id, "num_trials": len(rows)})
+                            | {"best_trial_id": best.trial_id, "best_epoch": best.epoch, "num_trials": len(rows)})
         tracking.log_metrics(client, parent_id, {f"best_{k}": v for k, v in best.metrics.items()}, step=0)
-        client.set_tag(parent_id, "mlflow.runName", f"{key} best {best.acc:.1f}")  # visible in the run list
-    scores = [r for r in rows if finite(r.acc)]
-    for i, r in enumerate(scores):  # the optimisation history as two metric series over trial number
-        so_far = max(x.acc for x in scores[: i + 1])
-        tracking.log_metrics(client, parent_id, {"trial_acc": r.acc, "best_acc_so_far": so_far}, step=r.number)
+        shown = best.metrics.get("heldout_acc", best.metrics.get("acc", best.score))
+        client.set_tag(parent_id, "mlflow.runName", f"{key} best sel {best.score:.1f} report {shown:.1f}")
+    scores = [r for r in rows if finite(r.score)]
+    for i, r in enumerate(scores):  # the optimisation history (selection scores) as two series over trial number
+        so_far = max(x.score for x in scores[: i + 1])
+        tracking.log_metrics(client, parent_id, {"trial_select_acc": r.score, "best_select_acc_so_far": so_far},
+                             step=r.number)
     tracking.log_metrics(client, parent_id, {f"importance_{k}": v for k, v in importances.items()}, step=0)
     client.set_tag(parent_id, "mbib.importance_basis", basis)
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,8 +214,10 @@ def log_summary(client, parent_id: str, key: str, rows: list[TrialRow], best: Tr
         plots.plot_importances(importances, basis, d / "importances.png", f"{key}: parameter importances",
                                list(SEARCH_SPACE))
         client.log_artifacts(parent_id, str(d), artifact_path="plots")
-        table = [{"trial_id": r.trial_id, "number": r.number, **r.params, "acc": r.acc, "epochs_done": r.epochs_done,
-                  "state": r.state, "worker_nodes": r.worker_nodes} for r in rows]
-        tracking.write_json({"trials": table, "importances": importances, "importance_basis": basis},
-                            d / "study.json")
+        table = [{"trial_id": r.trial_id, "number": r.number, **r.params, "select_acc": r.score,
+                  "chosen_epoch": r.epoch, **r.metrics, "epochs_done": r.epochs_done, "state": r.state,
+                  "worker_nodes": r.worker_nodes} for r in rows]
+        tracking.write_json({"selected_on": selection[0], "reported_on": selection[1],
+                             "best_trial_id": best.trial_id if best else None, "trials": table,
+                             "importances": importances, "importance_basis": basis}, d / "study.json")
         client.log_artifact(parent_id, str(d / "study.json"))

@@ -24,6 +24,7 @@ from mbib import data as mdata
 from mbib.config import TrainConfig
 from mbib.data.filelist import FILE_LISTS
 from mbib.data.source import Batch, Data, Shard, data_spec, open_source
+from mbib.data.split import SELECT_METRIC, selection_mask, test_labels
 from mbib.errors import ConfigError, TrainingError
 from mbib.metrics import shot_groups
 from mbib.models import ensemble_logits, input_size
@@ -128,9 +129,10 @@ class EvalResult:
     few: float
     head_acc: dict[str, float]
     confusion: torch.Tensor  # [K, K] counts, rows = true class
+    split: dict[str, float] = field(default_factory=dict)  # select_acc, heldout_* (mbib.data.split)
 
     def metrics(self) -> dict[str, float]:
-        out = {"acc": self.acc, "many": self.many, "medium": self.medium, "few": self.few}
+        out = {"acc": self.acc, "many": self.many, "medium": self.medium, "few": self.few, **self.split}
         out.update({f"acc_{k}": v for k, v in self.head_acc.items()})
         return out
 
@@ -162,6 +164,9 @@ class Engine:
         self.source = open_source(self.data, shard, batch_size=self.local_batch, seed=cfg.runtime.seed,
                                   views=self.task.views, workers=cfg.data.loader_workers, augment=cfg.data.augment)
         self.steps_per_epoch = len(self.source)
+        # which test images select (True) and which are held out to report, fixed by data.selection_seed
+        self.selects = selection_mask(test_labels(self.data), cfg.data.selection_split,
+                                      cfg.data.selection_seed).to(self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor((step + 1) / self.steps_per_epoch, o))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.opts.grad_scaler)
@@ -244,13 +249,17 @@ class Engine:
         network = self.task.network  # what is exported and served, without training-only parts
         network.eval()
         k = len(self.classes)
-        conf = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+        conf = torch.zeros(2, k, k, dtype=torch.float64, device=self.device)  # [held out, selects]
         head_correct: dict[str, torch.Tensor] = {}
+        seen = 0
         for x, y in self.source.test_batches(batch_size or self.opts.eval_batch):
             with self._autocast():
                 outputs = {h: v.float() for h, v in network(x).items()}
             pred = ensemble_logits(outputs).argmax(1)
-            conf += torch.bincount(y * k + pred, minlength=k * k).view(k, k).double()
+            # the shard holds every world_size-th test image from `rank` (test_batches), in order
+            part = self.selects[self.rank + self.world_size * torch.arange(seen, seen + len(y), device=self.device)]
+            seen += len(y)
+            conf += torch.bincount(part.long() * k * k + y * k + pred, minlength=2 * k * k).view(2, k, k).double()
             for h, v in outputs.items():
                 head_correct[h] = head_correct.get(h, torch.zeros((), dtype=torch.float64, device=self.device)) \
                     + (v.argmax(1) == y).sum()
@@ -259,12 +268,17 @@ class Engine:
         if self.world_size > 1:
             dist.all_reduce(conf)
             dist.all_reduce(correct)
-        conf = conf.cpu()
+        held, selecting = conf.cpu().unbind(0)
+        conf = held + selecting
         total = max(1.0, conf.sum().item())
         shots = shot_accuracy_from_confusion(conf, self.data.class_counts)
+        split = {SELECT_METRIC: shot_accuracy_from_confusion(selecting, self.data.class_counts)["overall"]}
+        if held.sum() > 0:  # data.selection_split > 0: the held-out part's numbers, which nothing chose by
+            held_shots = shot_accuracy_from_confusion(held, self.data.class_counts)
+            split.update({f"heldout_{g}": v for g, v in held_shots.items() if g != "overall"}, heldout_acc=held_shots["overall"])
         return EvalResult(acc=shots["overall"], many=shots["many"], medium=shots["medium"], few=shots["few"],
                           head_acc={h: 100.0 * c / total for h, c in zip(heads, correct.cpu().tolist())},
-                          confusion=conf.round().to(torch.int64))
+                          confusion=conf.round().to(torch.int64), split=split)
 
     def state_dict(self) -> dict[str, Any]:
         return {

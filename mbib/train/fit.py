@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mbib.checkpoint import check_compatible, describe, load_weights
+from mbib.data.split import SELECT_METRIC
 from mbib.train.engine import Engine
 
 # report(metrics, checkpoint state or None): an evaluated epoch comes with the state to checkpoint
@@ -66,9 +67,10 @@ def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool =
         if (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == epochs:
             result = engine.evaluate()
             metrics.update(result.metrics(), elapsed_s=progress.elapsed + time.perf_counter() - since)
-            if result.acc > progress.best:
-                progress.best, progress.best_metrics = result.acc, dict(metrics)
-            metrics["best_acc"] = progress.best
+            score = result.split[SELECT_METRIC]  # the best epoch is chosen on the selection split, never the held-out one
+            if score > progress.best:
+                progress.best, progress.best_metrics = score, dict(metrics)
+            metrics["best_acc"] = progress.best  # the best selection score so far
             state = {**engine.state_dict(), "epoch": epoch, "best_acc": progress.best, "metrics": metrics,
                      "best_metrics": progress.best_metrics, "confusion": result.confusion,
                      "elapsed_s": metrics["elapsed_s"]}

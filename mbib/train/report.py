@@ -12,6 +12,7 @@ from rich.table import Table
 from mbib.checkpoint import check_compatible, describe, load_checkpoint, load_weights
 from mbib.console import fmt
 from mbib.config import TrainConfig
+from mbib.data.split import HELDOUT, SELECT_METRIC
 from mbib.tracking import ui_command
 from mbib.train.engine import Engine, load_data
 
@@ -29,7 +30,9 @@ def print_summary(cfg: TrainConfig, outcome) -> None:
     m = outcome.best_metrics or outcome.metrics
     rows = {k: m[k] for k in ("acc", "many", "medium", "few") if k in m}
     rows.update({k: v for k, v in m.items() if k.startswith("acc_")})
-    rows["best epoch"] = int(m.get("epoch", -1)) + 1
+    rows.update({k: m[k] for k in (SELECT_METRIC, *HELDOUT) if k in m and "heldout_acc" in m})  # a held-out split
+    selected = "selection split" if "heldout_acc" in m else "test set"
+    rows[f"best epoch (by {selected})"] = int(m.get("epoch", -1)) + 1
     rows["best checkpoint"] = str(outcome.best_checkpoint)
     if outcome.mlflow_run_id:
         rows["mlflow run"] = outcome.mlflow_run_id

@@ -17,6 +17,7 @@ from mbib.tracking import runs
 from mbib.checkpoint import CHECKPOINT_FILE, atomic_write
 from mbib.config import TrainConfig
 from mbib.data.datasets import pinned_data_root, pinned_dataset
+from mbib.data.split import SELECT_METRIC
 from mbib.errors import ConfigError, MBIBError, TrainingError
 from mbib.raylocal import ensure_ray
 from mbib.train.engine import load_data
@@ -77,7 +78,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrain
         name=cfg.run_name,
         storage_path=storage,
         failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="acc",
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECT_METRIC,
                                                      checkpoint_score_order="max"),
         callbacks=callbacks or [],
     )
@@ -157,7 +158,7 @@ def run_training(cfg: TrainConfig, *, track: bool = True, tracking_uri: str | No
     metrics = dict(result.metrics or {})
     best_ckpt, best_metrics = None, {}
     if result.best_checkpoints:
-        ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("acc", -1))
+        ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(SELECT_METRIC, -1))
         best_ckpt = Path(ckpt.path) / CHECKPOINT_FILE
     outcome = TrainOutcome(metrics, best_metrics, best_ckpt, Path(result.path), run_id, uri)
     if client is not None:
