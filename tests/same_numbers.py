@@ -19,7 +19,7 @@ from mbib.checkpoint import load_checkpoint
 from mbib.config import TrainConfig, apply_overrides
 from mbib.data import ImageData
 from mbib.data.filelist import FileListData, FileListDataset
-from mbib.losses import METHODS
+from mbib.methods import METHODS
 from mbib.train.engine import Engine
 from mbib.train.fit import restore
 
@@ -49,8 +49,8 @@ def config(method: str, views: int) -> TrainConfig:
     # DRW from epoch 0 so LDAM's re-weighting is in the numbers
     return apply_overrides(TrainConfig(), {
         "loss.method": method, "loss.gml_views": views, "loss.drw_epoch": 0, "optim.batch_size": 8,
-        "optim.warmup_epochs": 1, "optim.lr": 0.05, "data.loader_workers": 0, "runtime.amp": False, "runtime.channels_last": False,
-        "runtime.compile": False, "runtime.seed": 0})
+        "optim.warmup_epochs": 1, "optim.lr": 0.05, "data.loader_workers": 0, "runtime.amp": False,
+        "runtime.channels_last": False, "runtime.compile": False, "runtime.seed": 0})
 
 
 def labels() -> torch.Tensor:
@@ -104,8 +104,8 @@ def resume_checkpoint(path: Path = REPO / CHECKPOINT) -> dict[str, Any]:
     state = load_checkpoint(path)
     spec = state["data_spec"]
     cfg = apply_overrides(TrainConfig.from_dict(state["config"]), {
-        "optim.epochs": int(state["epoch"]) + 2, "optim.batch_size": 8, "data.loader_workers": 0, "runtime.amp": False, "runtime.channels_last": False,
-        "runtime.compile": False})
+        "optim.epochs": int(state["epoch"]) + 2, "optim.batch_size": 8, "data.loader_workers": 0,
+        "runtime.amp": False, "runtime.channels_last": False, "runtime.compile": False})
     y = torch.arange(16) * 6 % len(spec["classes"])  # head, middle and tail classes
     x = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     data = ImageData(name=cfg.data.dataset, x_train=x, y_train=y, x_test=x[:4], y_test=y[:4], classes=spec["classes"],
