@@ -1,4 +1,5 @@
-"""ONNX export: real torch.onnx (dynamo), onnx.checker, ONNX Runtime and a local MLflow registry; no mocks."""
+"""ONNX export: real torch.onnx (dynamo), onnx.checker, ONNX Runtime and a local MLflow registry; no mocks. The
+exported model (conftest.py's `exported`) is the one test_serve.py serves."""
 
 from __future__ import annotations
 
@@ -13,36 +14,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_helpers import digits, normalise, train_tiny_checkpoint, write_parity_npz  # noqa: E402
+from serving_helpers import digits, normalise, write_parity_npz  # noqa: E402
 
 from mbib import __version__  # noqa: E402
 from mbib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from mbib.errors import DataError  # noqa: E402
 from mbib.export import export_onnx, main  # noqa: E402
 from mbib.models import ensemble_logits  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Train, register the checkpoint in a local MLflow registry, export from models:/tiny/1 and log to MLflow."""
-    import mlflow
-
-    tmp = tmp_path_factory.mktemp("export")
-    ckpt = train_tiny_checkpoint(tmp / "run")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment("train", artifact_location=str(tmp / "artifacts"))
-    with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_artifact(str(ckpt), artifact_path="checkpoint")
-    client = mlflow.MlflowClient()
-    client.create_registered_model("tiny")
-    client.create_model_version("tiny", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
-    mlflow.create_experiment("export", artifact_location=str(tmp / "export-artifacts"))  # not ./mlruns in the cwd
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MBIB_DATA_ROOT", raising=False)  # parity images come from the checkpoint's bundled data set
-        report = export_onnx("models:/tiny/1", tmp / "model.onnx", parity_count=24, mlflow_tracking_uri=uri,
-                             mlflow_experiment="export")
-    return {"report": report, "onnx": tmp / "model.onnx", "ckpt": ckpt, "tmp": tmp, "uri": uri}
 
 
 def test_report_passes_parity_on_real_images_and_is_logged_to_mlflow(exported):
