@@ -31,6 +31,9 @@ class ModelConfig:
     num_taps: int = 3
     z_dim: int | None = None  # None -> the architecture's default (see mbib.models)
     input_tap: bool = False  # Table 4's 4-MBIB(x): the input image's GAP as the shallowest observation (mbib head)
+    # "none" (the paper's figure), "bn" or "bn-post": a BatchNorm1d on each observation and inside z, which
+    # Table 6's 486.02k parameters imply (mbib.models.tapped_net); an investigation switch
+    neck: str = "none"
 
 
 @dataclass
@@ -47,6 +50,10 @@ class LossConfig:
     gamma: float | None = None  # VSD temperature exponent, T_i = (n_max / n_i)^gamma (CIFAR: 0)
     weighted_mean: str | None = None  # BSC batch mean: "weights" (Appendix J) or "batch" (Eq. 5-7 read literally)
     vsd_logits: str | None = None  # VSD on the "raw" head logits (Appendix J) or the "adjusted" f + log n, g + log n
+    logit_adjust: bool | None = None  # BIB family: add log n_i to the logits (Eq. 4); false = Table 9's "w/o LA"
+    # MBIB: detach the shallow teachers v_1..v_{n-1} in VSD (true, Appendix J's rule for BIB applied to every
+    # tap) or let VSD's gradient reach them too, so shallow layers also learn from z (false; Sec. 3.3's reading)
+    detach_shallow: bool | None = None
     focal_gamma: float | None = None  # focal loss exponent (Cao et al.'s baseline: 1)
     tau: float | None = None  # la: logit adjustment strength (Menon et al.: 1)
     gml_weight: float | None = None  # GML methods: weight of the contrastive term (con + con_T); the authors use 1
@@ -63,6 +70,7 @@ class OptimConfig:
     batch_size: int = 128  # global batch, split across workers
     lr: float = 0.1
     momentum: float = 0.9
+    nesterov: bool = False  # Sec. 4.2 says SGD with momentum 0.9; Nesterov is an investigation switch
     weight_decay: float = 3e-4
     warmup_epochs: float = 5.0
     schedule: str = "step"  # "step" (Cao et al.) or "cosine" (to 0)
@@ -198,6 +206,8 @@ def validate(cfg: TrainConfig) -> None:
          "data.imbalance_factor must be >= 1 (or none: the training set as stored)"),
         (cfg.data.image_size is None or cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.augment in ("standard", "strong"), "data.augment must be 'standard' or 'strong'"),
+        (cfg.model.neck in ("none", "bn", "bn-post"), "model.neck must be 'none', 'bn' or 'bn-post'"),
+        (not o.nesterov or o.momentum > 0, "optim.nesterov needs optim.momentum > 0"),
     ]
     for ok, msg in checks:
         if not ok:

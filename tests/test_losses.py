@@ -382,7 +382,8 @@ def test_criterion_matches_functional_and_caches_constants():
 
 def test_defaults_follow_the_paper():
     assert method_defaults("mbib") == {"beta": 5.0, "m": 0.1, "gamma": 0.0, "weighted_mean": "weights",
-                                       "logit_adjust": True, "vsd_logits": "raw", "a": 0.1, "b": 0.3}
+                                       "logit_adjust": True, "vsd_logits": "raw", "a": 0.1, "b": 0.3,
+                                       "detach_shallow": True}
     assert method_defaults("ldam-drw")["drw_epoch"] == 160
 
 

@@ -2,6 +2,7 @@
 uninterrupted one; a reproduction grid runs through it without Ray or MLflow."""
 
 import json
+import re
 
 import pytest
 
@@ -92,13 +93,17 @@ def test_a_cell_claim_is_held_by_one_holder_at_a_time(tmp_path):
 
 
 def test_jobs_train_every_cell_once_and_report_them(tmp_path, capfd):
-    out = tmp_path / "out"
+    out, barrier = tmp_path / "out", tmp_path / "barrier"
+    barrier.mkdir()
     args = ["--dataset", "digits-lt", "--methods", "ce,bsce,bib", "--ifs", "10", "--epochs", "1", "--runner", "plain",
             "--out", str(out), "--set", "data.limit_train=64", "--set", "data.limit_test=40",
             "--set", "optim.batch_size=32", "--jobs", "2"]
-    assert reproduce_main(args) == 0
+    # each job holds its first cell until both do: two processes train at once and save into one state file
+    assert reproduce_main([*args, "--claim-barrier", f"{barrier}:2"]) == 0
     printed = capfd.readouterr().out
     assert printed.count(": training ") == 3 and printed.count("IF10: done in") == 3
+    assert len(set(re.findall(r"\(process (\d+)\)", printed))) == 2 == len(list(barrier.iterdir()))
+    assert "[1/3] grid/ce/IF10: another process is training it, skipped" in printed
     state = json.loads((out / "reproduction-digits-lt-1ep.state.json").read_text())
     assert set(state["cells"]) == {"grid/ce/IF10", "grid/bsce/IF10", "grid/bib/IF10"}
     assert all("analysis" in c for c in state["cells"].values())

@@ -124,3 +124,56 @@ def test_report_names_each_methods_loss_settings():
     assert line.endswith("; ce none")
     plan = grid.Plan("cifar100-lt", 200, 0, ("bsce", "mbib"), (100.0,), {"loss.m": "0.2"})
     assert loss_line(plan, grid.base_config(plan)).count("m 0.2") == 2
+
+
+def _cell_legs(tmp_path, runner: str, interrupt: bool, doctor=None):
+    """One bsce cell of a 3-epoch digits grid, run through `run_cells` in one leg or in two: the first dies after
+    epoch 1's checkpoint, the second continues it from the kept checkpoint elsewhere (another storage path, as on
+    another machine). `doctor(carry)` may edit the checkpoint between the legs."""
+    from mbib.reproduction.run import run_cells
+
+    out = tmp_path / f"{runner}-{'cut' if interrupt else 'whole'}"
+    sets = {"data.limit_train": "64", "data.limit_test": "40", "optim.batch_size": "32", "runtime.eval_every": "1",
+            "runtime.show_progress": "false", "runtime.cpus_per_worker": "1"}
+    uri = f"sqlite:///{out / 'mlflow.db'}" if runner == "ray" else None
+    legs = [{"runtime.inject_failure_epoch": "1", "runtime.storage_path": str(out / "leg1")}] if interrupt else []
+    legs.append({"runtime.storage_path": str(out / "leg2")})
+    for i, leg in enumerate(legs):
+        plan = grid.Plan("digits-lt", 3, 0, ("bsce",), (10.0,), {**sets, **leg}, runner=runner)
+        state = State(out / "state.json", plan.settings())
+        cell = grid.plan_cells(plan)
+        if i + 1 < len(legs):
+            with pytest.raises(Exception, match="injected fault"):
+                run_cells(plan, state, cell, uri)
+            if doctor:
+                doctor(grid.carry_path(out, plan, cell[0]))
+        else:
+            run_cells(plan, state, cell, uri)
+    from mbib.checkpoint import load_checkpoint
+
+    return state.cells["grid/bsce/IF10"], load_checkpoint(grid.carry_path(out, plan, cell[0]))["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", ["plain", "ray"])
+def test_a_cell_interrupted_once_equals_an_uninterrupted_one(runner, request, tmp_path):
+    import torch
+
+    if runner == "ray":
+        request.getfixturevalue("ray_local")
+    from mbib.checkpoint import load_checkpoint, save_checkpoint
+
+    whole, whole_weights = _cell_legs(tmp_path, runner, interrupt=False)
+    cut, cut_weights = _cell_legs(tmp_path, runner, interrupt=True)
+    for key in ("final", "best", "best_epoch", "epochs"):
+        assert cut[key] == whole[key], key
+    assert all(torch.equal(cut_weights[k], whole_weights[k]) for k in whole_weights)
+
+    def best_in_first_leg(carry):  # an earlier leg's best that the second leg cannot beat
+        state = load_checkpoint(carry)
+        state["best_metrics"] = {**state["best_metrics"], "acc": 99.5, "epoch": 0}
+        state["best_acc"] = 99.5
+        save_checkpoint(state, carry)
+
+    doctored, _ = _cell_legs(tmp_path / "doctored", runner, interrupt=True, doctor=best_in_first_leg)
+    assert doctored["best"]["overall"] == 99.5 and doctored["best_epoch"] == 1

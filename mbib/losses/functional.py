@@ -124,9 +124,11 @@ def balanced_ce(logits: Tensor, labels: Tensor, consts: ClassConstants, weighted
     return (w * nll).mean()  # Eq. 5-7 literally: E_p[w_y * -log q_s(y|v)]
 
 
-def vsd_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: Tensor) -> Tensor:
-    """Variational self-distillation: KL(q(y|v) || q(y|z)) with the teacher detached (Sec. 3.2)."""
-    log_p = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)  # Eq. 8: q(y_i|v) = softmax(f_i / T_i)
+def vsd_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: Tensor, detach_teacher: bool = True) -> Tensor:
+    """Variational self-distillation: KL(q(y|v) || q(y|z)), the teacher detached (Sec. 3.2) unless
+    ``detach_teacher`` is False (MBIB's undetached shallow teachers, see mixture_terms)."""
+    teacher = teacher_logits.detach() if detach_teacher else teacher_logits
+    log_p = F.log_softmax(teacher / temperature, dim=-1)  # Eq. 8: q(y_i|v) = softmax(f_i / T_i)
     log_q = F.log_softmax(student_logits / temperature, dim=-1)  # Eq. 8: q(y_i|z) = softmax(g_i / T_i)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()  # Eq. 8: E[sum_y q(y|v)(log q(y|v) - log q(y|z))]
 
@@ -227,17 +229,26 @@ def mixture_terms(
     beta: float,
     weighted_mean: str,
     vsd_logits: str = "raw",
+    detach_shallow: bool = True,
 ) -> dict[str, Tensor]:
-    """Unweighted parts of every BIB term and their weighted sum as "total"."""
+    """Unweighted parts of every BIB term and their weighted sum as "total".
+
+    ``detach_shallow``: Sec. 3.2 states the detached teacher for BIB(v, z); for MBIB's shallow teachers
+    (every teacher but the final observation) Sec. 3.3 says only that the mixture lets "shallow layers learn
+    from deeper ones". True (default, Appendix J's code detaches every teacher) stops VSD's gradient at every
+    teacher; False lets it reach the shallow ones, pulling q(y|v_i) toward q(y|z) as well.
+    """
     terms: dict[str, Tensor] = {}
     bsc: dict[str, Tensor] = {}  # a head's BSC loss is the same in every pair it joins: compute it once
     total = None
     shift = consts.log_prior if vsd_logits == "adjusted" else 0.0  # module docstring, item 5
+    final = tap_keys(outputs)[-1] if tap_keys(outputs) else None
     for teacher, student, weight in pairs:
         for key in (teacher, student):
             if key not in bsc:
                 bsc[key] = balanced_ce(outputs[key], labels, consts, weighted_mean)  # Eq. 5/6
-        vsd = vsd_loss(outputs[teacher] + shift, outputs[student] + shift, consts.temperature)  # Eq. 8 / Eq. 13
+        detach = detach_shallow or teacher == final
+        vsd = vsd_loss(outputs[teacher] + shift, outputs[student] + shift, consts.temperature, detach)  # Eq. 8 / 13
         parts = (bsc[teacher], bsc[student], vsd)
         terms.update(zip(pair_term_names(teacher, student), parts))
         weighted = weight * bib_total(*parts, beta)  # Eq. 11: a, b or 1 times Loss_BIB(v_i, z)

@@ -24,11 +24,12 @@ class BIBCriterion(Criterion):
 
     def __init__(self, method: str, head: str, class_counts: Tensor, *, wiring: str, beta: float, m: float,
                  gamma: float, a: float = 0.0, b: float = 0.0, weighted_mean: str = "weights",
-                 logit_adjust: bool = True, vsd_logits: str = "raw") -> None:
+                 logit_adjust: bool = True, vsd_logits: str = "raw", detach_shallow: bool = True) -> None:
         super().__init__(method, head, class_counts)
         self.wiring = L.check_choice("wiring", wiring, L.WIRINGS)
         self.weighted_mean = L.check_choice("weighted_mean", weighted_mean, L.WEIGHTED_MEANS)
         self.vsd_logits = L.check_choice("vsd_logits", vsd_logits, L.VSD_LOGITS)
+        self.detach_shallow = bool(detach_shallow)
         self.a, self.b, self.beta = (L.check_nonnegative(n, v) for n, v in (("a", a), ("b", b), ("beta", beta)))
         consts = L.class_constants(class_counts, m, gamma, logit_adjust)
         self.register_buffer("log_prior", consts.log_prior, persistent=False)
@@ -44,7 +45,7 @@ class BIBCriterion(Criterion):
         keys = sorted({k for pair in pairs for k in pair[:2]})
         consts = L.ClassConstants(self.log_prior, self.weights, self.temperature)
         return L.mixture_terms(self.logits(outputs, keys), labels, consts, pairs, self.beta, self.weighted_mean,
-                               self.vsd_logits)
+                               self.vsd_logits, self.detach_shallow)
 
 
 class BIBTask(Task):
@@ -66,7 +67,7 @@ def _bib_family(method: str, head: str, wiring: str, fixed: Mapping[str, Any]) -
 
 _BIB = {"beta": L.DEFAULT_BETA, "m": L.DEFAULT_M, "gamma": L.DEFAULT_GAMMA, "weighted_mean": "weights",
         "logit_adjust": True, "vsd_logits": "raw"}
-_MBIB = {**_BIB, "a": L.DEFAULT_A, "b": L.DEFAULT_B}
+_MBIB = {**_BIB, "a": L.DEFAULT_A, "b": L.DEFAULT_B, "detach_shallow": True}
 
 register_method("bib", "bib", _bib_family("bib", "bib", "bib", {}), _BIB, task=BIBTask)
 register_method("mbib", "mbib", _bib_family("mbib", "mbib", "mbib", {}), _MBIB, task=BIBTask)

@@ -103,7 +103,7 @@ def build_criterion(method: str, class_counts: Any, **hparams: Any) -> Criterion
     unknown = sorted(set(hparams) - known)
     if unknown:
         raise ConfigError(f"unknown loss hyperparameter(s) {unknown}; known: {', '.join(sorted(known))}")
-    for name in ("logit_adjust",):
+    for name in ("logit_adjust", "detach_shallow"):
         if name in hparams and not isinstance(hparams[name], bool):
             raise ConfigError(f"loss option {name}={hparams[name]!r} must be true or false")
     return spec.factory(L.as_class_counts(class_counts), **method_settings(method, hparams))

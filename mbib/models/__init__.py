@@ -1,7 +1,8 @@
 """Model registry: `build_model(name, num_classes, **options) -> TappedNet`, `list_models()`, `ensemble_logits`.
 
 Options (see ModelOptions): head ("mbib" | "bib" | "plain" | "mlp"), num_taps (2..6), z_dim (default: final
-tap width), z_act (default "relu"), normed (LDAM cosine classifiers), input_tap (add Table 4's "x" tap).
+tap width), z_act (default "relu"), normed (LDAM cosine classifiers), input_tap (add Table 4's "x" tap),
+neck ("none" | "bn" | "bn-post": the normalised neck of tapped_net's docstring).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class ModelOptions:
     z_act: str = "relu"
     normed: bool = False
     input_tap: bool = False
+    neck: str = "none"  # "bn" / "bn-post": BatchNorm1d on each observation and inside z (tapped_net docstring)
 
 
 # name -> backbone factory(num_taps, input_tap)
@@ -70,4 +72,4 @@ def build_model(name: str, num_classes: int, **options) -> TappedNet:
         raise ConfigError(f"unknown model option(s) {', '.join(unknown)}; valid options are {', '.join(valid)}")
     opts = ModelOptions(**options)
     backbone = _BACKBONES[name](opts.num_taps, opts.input_tap)
-    return TappedNet(backbone, num_classes, opts.head, opts.z_dim, opts.z_act, opts.normed, opts.input_tap)
+    return TappedNet(backbone, num_classes, opts.head, opts.z_dim, opts.z_act, opts.normed, opts.input_tap, opts.neck)

@@ -17,6 +17,15 @@ z width. Default z_dim = width of the final tap, with ReLU. For ResNet-32 MBIB w
 i.e. 356 (0.073%) under Table 6's 486.02k. In general total = 475,104 + 165 * z_dim, so no integer z_dim
 hits 486,020 exactly (66 -> 485,994; 67 -> 486,159); 64 is the natural width, matching v3, within 0.1%.
 For the 224 models the same rule gives z_dim = 512 (ResNet-10) and 2048 (ResNet-50, ResNeXt-50).
+
+Neck (`neck`, an investigation switch; default "none" as above). The paper does not draw one, but the 356
+missing parameters fit a BatchNorm1d on each observation before its classifier and inside z
+(z = act(BN(FC(v)))): (16 + 32 + 64 + 64) x 2 = 352, giving 486,016 = Table 6's 486.02k, the layout of the
+variational self-distillation code BIB builds on (Tian et al.). The count does not say whether z reads v_n
+before or after v_n's BN, so both are offered:
+  "bn":      the classifiers read BN(v_i); z = act(BN(FC(v_n))) reads the raw v_n (as VSD's code branches off)
+  "bn-post": the same, but z reads BN(v_n) (one normalised observation feeds both f and z)
+In eval mode each BN is an affine map, so the exported graph folds it (no new operator at inference).
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ from mbib.errors import ConfigError
 from mbib.models.backbone import Backbone
 
 HEADS = ("mbib", "bib", "plain", "mlp")
+NECKS = ("none", "bn", "bn-post")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -78,12 +88,15 @@ class TappedNet(nn.Module):
         z_act: str = "relu",
         normed: bool = False,
         input_tap: bool = False,
+        neck: str = "none",
     ) -> None:
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
         if z_act not in ACTIVATIONS:
             raise ConfigError(f"unknown z_act {z_act!r}; use one of {', '.join(ACTIVATIONS)}")
+        if neck not in NECKS:
+            raise ConfigError(f"unknown neck {neck!r}; use one of {', '.join(NECKS)}")
         if num_classes < 2:
             raise ConfigError(f"num_classes={num_classes} is too small; a classifier needs at least 2 classes")
         if input_tap and head != "mbib":
@@ -104,8 +117,12 @@ class TappedNet(nn.Module):
             raise ConfigError(f"z_dim={z_dim} is invalid; use a positive integer or leave it unset")
         classifier = NormedLinear if normed else nn.Linear
         self.heads = nn.ModuleDict({k: classifier(self._widths[k], num_classes) for k in self.tap_keys})
+        self.neck = neck
+        normed_keys = self.tap_keys + ([final] if neck == "bn-post" and final not in self.tap_keys else [])
+        self.necks = nn.ModuleDict({k: nn.BatchNorm1d(self._widths[k]) for k in normed_keys} if neck != "none" else {})
         if self.has_z:
-            self.z_fc = nn.Sequential(nn.Linear(self._widths[final], self.z_dim), ACTIVATIONS[z_act]())
+            z_norm = [nn.BatchNorm1d(self.z_dim)] if neck != "none" else []  # Linear -> BN -> activation
+            self.z_fc = nn.Sequential(nn.Linear(self._widths[final], self.z_dim), *z_norm, ACTIVATIONS[z_act]())
             self.heads["z"] = classifier(self.z_dim, num_classes)
         for m in [*self.heads.modules(), *(self.z_fc.modules() if self.has_z else [])]:
             if isinstance(m, nn.Linear):
@@ -117,11 +134,14 @@ class TappedNet(nn.Module):
         return self.tap_keys + (["z"] if self.has_z else [])
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Representations [B, D] under the same keys as forward(): GAP'd taps and z (for rho, Eq. 15-17)."""
+        """Representations [B, D] under the same keys as forward(): GAP'd taps (after the neck's BN, what each
+        classifier reads) and z (for rho, Eq. 15-17)."""
         taps = dict(zip(self._all_tap_keys, self.backbone(x)))
-        feats = {k: taps[k] for k in self.tap_keys}
+        normed = {k: self.necks[k](taps[k]) for k in self.necks}
+        feats = {k: normed.get(k, taps[k]) for k in self.tap_keys}
         if self.has_z:
-            feats["z"] = self.z_fc(taps[self._all_tap_keys[-1]])
+            final = self._all_tap_keys[-1]
+            feats["z"] = self.z_fc(normed[final] if self.neck == "bn-post" else taps[final])
         return feats
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

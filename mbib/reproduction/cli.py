@@ -7,8 +7,9 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mbib.config import apply_overrides, parse_sets
 from mbib.errors import ConfigError, MBIBError
@@ -44,6 +45,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
                    help="with --runner plain: train up to this many cells at once, each in its own process sharing "
                         "the state file and this machine's CPUs (several small cells on one GPU)")
     p.add_argument("--job", action="store_true", help=argparse.SUPPRESS)  # a process started by --jobs
+    # test hook, DIR:N: a job waits after its first claim until N jobs hold one (proves they train at once)
+    p.add_argument("--claim-barrier", default=None, help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true", help="show Ray's worker logs, not only the progress bar")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the state file and the cells' kept checkpoints; train nothing "
@@ -94,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_jobs(given, args.jobs)
                 state.refresh()
             else:
-                run_cells(plan, state, plan_cells(plan), uri, after_cell=lambda: write_report(plan, state, report))
+                run_cells(plan, state, plan_cells(plan), uri, after_cell=lambda: write_report(plan, state, report),
+                          on_claim=claim_barrier(args.claim_barrier))
             if args.job:
                 return 0  # the process that started the jobs analyses and reports
             run_analyses(plan, state)
@@ -109,6 +113,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def claim_barrier(spec: str | None, timeout_s: float = 120.0) -> Callable[[], None]:
+    """--claim-barrier DIR:N: at its first claim a process notes itself in DIR and waits (at most `timeout_s`)
+    until N processes have, so N cells are held at once whatever the processes' start-up times."""
+    if not spec:
+        return lambda: None
+    folder, _, count = spec.rpartition(":")
+    arrived = {"done": False}
+
+    def wait() -> None:
+        if arrived["done"]:
+            return
+        arrived["done"] = True
+        Path(folder, str(os.getpid())).touch()
+        deadline = time.monotonic() + timeout_s
+        while len(list(Path(folder).iterdir())) < int(count) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return wait
 
 
 def run_jobs(argv: list[str], jobs: int) -> None:

@@ -62,7 +62,7 @@ def paper_number(plan: Plan, method: str, imbalance_factor: float) -> float | No
     return PAPER_TABLE1.get(method, {}).get(imbalance_factor)
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+def md_table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
             *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -135,7 +135,7 @@ def rho_section(plan: Plan, state: State) -> list[str]:
         return ["Not computed yet (needs BSCE, BIB and MBIB at IF 100)."]
     return ["rho = D_intra / D_inter (Eq. 15-17) of the test-set representations; smaller is better. v is the final",
             "observation (GAP'd last stage), z the bottleneck. Computed on each cell's final model.", "",
-            *_table(["Features", "Many", "Medium", "Few", "All", "Paper (many / medium / few / all)"], rows)]
+            *md_table(["Features", "Many", "Medium", "Few", "All", "Paper (many / medium / few / all)"], rows)]
 
 
 def posterior_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
@@ -150,7 +150,7 @@ def posterior_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
             "Mean positive posterior q̄(y_i|x) (Eq. 14) per class on the test set, classes ordered by training size",
             "(head left); the lower panels are the differences Appendix D plots (BIB−CE, BIB−BSCE, MBIB−BIB).",
             "",
-            *_table(["Method", "Mean over classes", "Head third", "Tail third"], rows)]
+            *md_table(["Method", "Mean over classes", "Head third", "Tail third"], rows)]
 
 
 def _mean(v: Sequence[float | None]) -> float:
@@ -164,7 +164,7 @@ def beta_section(plan: Plan, state: State, out_dir: Path) -> list[str]:
         vals = [state.cells.get(beta_cell(m, b).key, {}).get("final", {}).get("overall") for b in BETAS]
         series[m] = vals
         rows.append([m.upper(), *(fmt(v) for v in vals)])
-    lines = [*_table(["Method", *(f"β={b:g}" for b in BETAS)], rows), "",
+    lines = [*md_table(["Method", *(f"β={b:g}" for b in BETAS)], rows), "",
              "Overall accuracy at IF 100 (a = 0.1, b = 0.3 as in Figure 3). Figure 3 gives its values only as a plot,",
              "so there are no published numbers to set beside these."]
     if any(v is not None for vals in series.values() for v in vals):
@@ -182,7 +182,7 @@ def taps_section(plan: Plan, state: State) -> list[str]:
         paper = PAPER_TABLE4[n] if plan.dataset in PAPER_DATASETS else None
         diff = f"{ours - paper:+.1f}" if ours is not None and paper is not None else "n/a"
         rows.append(["4-MBIB(x)" if n == "4x" else f"{n}-MBIB", fmt(ours), fmt_paper(paper), diff])
-    return [*_table(["Observations", "Overall", "Paper (Table 4)", "Δ"], rows), "",
+    return [*md_table(["Observations", "Overall", "Paper (Table 4)", "Δ"], rows), "",
             "IF 100; a = 0 for 2-MBIB, a = b = 0.3 otherwise (Table 4's setting). 4-MBIB(x) adds BIB(x, z) on the",
             "input image's GAP (model.input_tap) as the shallowest observation, with weight a."]
 
@@ -229,7 +229,7 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
              "Ours = the last epoch's evaluation on the balanced test set; many > 100, medium 20-100, few < 20 "
              f"training images a class; Δ = ours − paper (overall). {paper_note} \"Best\" is the best evaluation "
              "during training (selected on the test set, so optimistic).", "",
-             *_table(["Method", "IF", "Overall", "Many", "Medium", "Few", "Paper", "Δ", "Best (epoch)",
+             *md_table(["Method", "IF", "Overall", "Many", "Medium", "Few", "Paper", "Δ", "Best (epoch)",
                       "Seed (commit)", "Wall (s)"], grid_rows(plan, state)), ""]
     order = ordering_lines(plan, state)
     if order:
@@ -309,7 +309,7 @@ def heads_section(plan: Plan, state: State) -> list[str]:
             "prediction is their mean), and the percent of each head's test predictions that name a many-shot",
             "class (> 100 training images), against the balanced share (the many-shot classes' share of the test",
             "set). Final model of each cell.", "",
-            *_table(["Cell", "Accuracy by head", "Predictions on many-shot classes (%)", "Balanced (%)"], rows)]
+            *md_table(["Cell", "Accuracy by head", "Predictions on many-shot classes (%)", "Balanced (%)"], rows)]
 
 
 def mlflow_lines(state: State) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +33,7 @@ def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | No
             cfg.runtime.resume_from = str(carry)
         ray_out = run_training(cfg, track=tracking_uri is not None, tracking_uri=tracking_uri,
                                parent_run_id=parent_run_id, callbacks=[CopyLatestCheckpoint(carry)])
-        final, best = ray_out.metrics, ray_out.best_metrics or ray_out.metrics
+        final, best = ray_out.metrics, carried_best(carry) or ray_out.best_metrics or ray_out.metrics
         extra = {"runner": "ray", "mlflow_run_id": ray_out.mlflow_run_id, "run_name": cfg.run_name}
     return {"method": cell.method, "imbalance_factor": cell.imbalance_factor, "overrides": dict(cell.overrides),
             "final": shots_of(final), "best": shots_of(best), "best_epoch": int(best.get("epoch", -1)) + 1,
@@ -41,6 +42,14 @@ def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | No
             "wall_s": final.get("elapsed_s", time.perf_counter() - start), "final_checkpoint": str(carry),
             "final_heads": {k: v for k, v in final.items() if k.startswith("acc_")},
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
+
+
+def carried_best(carry: Path) -> dict[str, Any]:
+    """The best evaluation over every leg of a cell, as its latest checkpoint carries it (fit's Progress): Ray's
+    own best checkpoints cover only the leg that just ran, so a continued cell would lose an earlier leg's best."""
+    from mbib.checkpoint import load_checkpoint
+
+    return dict(load_checkpoint(carry).get("best_metrics") or {}) if carry.is_file() else {}
 
 
 def parent_run(state: State, plan: Plan, tracking_uri: str) -> str:
@@ -57,8 +66,9 @@ def parent_run(state: State, plan: Plan, tracking_uri: str) -> str:
 
 
 def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | None,
-              after_cell: Callable[[], None] = lambda: None) -> None:
-    """Train the cells not in the state yet, saving the state (and calling `after_cell`: the report) after each."""
+              after_cell: Callable[[], None] = lambda: None, on_claim: Callable[[], None] = lambda: None) -> None:
+    """Train the cells not in the state yet, saving the state (and calling `after_cell`: the report) after each;
+    `on_claim` runs when this process has claimed a cell, before training it (the --jobs test's barrier)."""
     base = base_config(plan)
     parent = parent_run(state, plan, tracking_uri) if tracking_uri else None
     for i, cell in enumerate(cells, 1):
@@ -72,8 +82,9 @@ def run_cells(plan: Plan, state: State, cells: list[Cell], tracking_uri: str | N
             if not mine:
                 print(f"{head}: another process is training it, skipped", flush=True)
                 continue
-            print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs ...",
-                  flush=True)
+            on_claim()
+            print(f"{head}: training {cell.method} at IF {cell.imbalance_factor:g}, {plan.epochs} epochs "
+                  f"(process {os.getpid()}) ...", flush=True)
             record = train_cell(plan, base, cell, tracking_uri, parent, carry)
             state.cells[cell.key] = record
             state.save()

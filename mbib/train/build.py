@@ -25,6 +25,8 @@ def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
         options["z_dim"] = cfg.model.z_dim
     if cfg.model.input_tap:
         options["input_tap"] = True
+    if cfg.model.neck != "none":  # only when set, so checkpoints of the default net keep their spec
+        options["neck"] = cfg.model.neck
     return {"name": cfg.model.arch, "num_classes": num_classes, "options": options}
 
 

@@ -157,7 +157,7 @@ class Engine:
         self.step_module = self.wrap_model(self.task.train_module)
         o = cfg.optim
         self.optimizer = torch.optim.SGD(self.task.param_groups(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay)
+                                         weight_decay=o.weight_decay, nesterov=o.nesterov)
         shard = Shard(self.device, self.rank, self.world_size, self.opts.channels_last)
         self.source = open_source(self.data, shard, batch_size=self.local_batch, seed=cfg.runtime.seed,
                                   views=self.task.views, workers=cfg.data.loader_workers, augment=cfg.data.augment)

@@ -1,0 +1,73 @@
+"""bench/investigation.py: runs pooled across their folders, seeds as mean and spread, margins paired by seed."""
+
+import json
+
+import pytest
+
+from mbib.reproduction import investigation as inv
+from mbib.reproduction.state import State
+
+
+def fake_cell(overall: float, z_rho: float | None = None) -> dict:
+    return {"final": {"overall": overall, "many": overall + 10, "medium": overall, "few": overall - 10},
+            "best_epoch": 200, "epochs": 200,
+            "analysis": {"rho": {"z": {"all": z_rho}} if z_rho else {}, "posterior": [0.25, 0.35],
+                         "heads": {"v1": {"acc": 11.0}, "f+g": {"acc": overall, "share": {"many": 40.0}}}}}
+
+
+def write_state(root, run, cells):
+    plan = inv.run_plan(run, "cifar100-lt", 200)
+    state = State(root / run.folder / f"{plan.tag}.state.json", plan.settings())
+    for method, record in cells.items():
+        state.cells[inv.cell_key(method)] = record
+    state.save()
+
+
+def test_report_pools_seeds_and_pairs_margins_by_seed(tmp_path):
+    runs = {r.name: r for r in inv.RUNS}
+    write_state(tmp_path, runs["seed 0"], {"mbib": fake_cell(41.0, 1.3), "bsce": fake_cell(40.0, 1.4)})
+    write_state(tmp_path, runs["seed 1"], {"mbib": fake_cell(43.0, 1.1), "bsce": fake_cell(40.0, 1.4)})
+    write_state(tmp_path, runs["seed 2"], {"mbib": fake_cell(45.0)})  # no BSCE yet: no pair for seed 2
+    write_state(tmp_path, runs["Table 9: neither"], {"mbib": fake_cell(30.0)})
+    report = inv.write_report(tmp_path, inv.RUNS, "cifar100-lt", 200, "python bench/investigation.py").read_text()
+    assert "MBIB − BSCE: seed 0: +1.0, seed 1: +3.0; mean 2.0 ± 1.4 (n=2) (paper +4.8)" in report
+    assert "| mbib | paper defaults | 0,1,2 | 43.0 ± 2.0 (n=3) | 53.0 ± 2.0 (n=3) |" in report
+    assert "| 1.20 ± 0.14 (n=2) |" in report  # rho of z over the two seeds that have it
+    # the Table 9 row carries its published splits; its settings are named
+    assert "| mbib | logit_adjust=false, m=0 | 0 | 30.0 (n=1) |" in report and "43.5/62.4/44.6/20.1" in report
+    assert "- seed 2 (seeds): bsce, bib in `investigation/seed2/`" in report
+    # hand-written verdicts survive a rewrite
+    path = tmp_path / "investigation-cifar100-lt-200ep.md"
+    path.write_text(report.replace(inv.NOTES_START + "\n(none yet)", inv.NOTES_START + "\nseeds: undecided"))
+    assert "seeds: undecided" in inv.write_report(tmp_path, inv.RUNS, "cifar100-lt", 200, "x").read_text()
+
+
+def test_mean_sd_is_the_sample_spread():
+    assert inv.mean_sd([40.0, 42.0]) == "41.0 ± 1.4 (n=2)"
+    assert inv.mean_sd([None, 40.0]) == "40.0 (n=1)" and inv.mean_sd([]) == "—"
+
+
+def test_runs_are_named_resumable_grids_in_their_own_folders():
+    folders = [r.folder for r in inv.RUNS]
+    assert len(set(folders)) == len(folders) and len({r.name for r in inv.RUNS}) == len(inv.RUNS)
+    args = inv.reproduce_args(inv.Path("r"), {r.name: r for r in inv.RUNS}["Table 9: neither"], "cifar100-lt", 200,
+                              jobs=2)
+    assert args[args.index("--out") + 1] == "r/investigation/mbib-no-rebalancing"
+    assert "loss.m=0" in args and "loss.logit_adjust=false" in args and args[-2:] == ["--jobs", "2"]
+
+
+@pytest.mark.slow
+def test_investigation_trains_the_chosen_runs_then_skips_them(tmp_path, capsys):
+    argv = ["--root", str(tmp_path), "--dataset", "digits-lt", "--epochs", "1", "--runs", "beta 2,teachers",
+            "--set", "data.limit_train=64", "--set", "data.limit_test=40", "--set", "optim.batch_size=32",
+            "--set", "runtime.show_progress=false"]
+    assert inv.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": training mbib") == 2
+    report = (tmp_path / "investigation-digits-lt-1ep.md").read_text()
+    assert "| mbib | beta=2 | 0 |" in report and "| mbib | detach_shallow=false | 0 |" in report
+    state = json.loads((tmp_path / "investigation/mbib-undetached/reproduction-digits-lt-1ep.state.json").read_text())
+    assert state["settings"]["overrides"]["loss.detach_shallow"] == "false"
+    assert "analysis" in state["cells"]["grid/mbib/IF100"]
+    assert inv.main(argv) == 0 and ": training" not in capsys.readouterr().out  # finished runs are skipped
+    assert inv.main([*argv[:6], "--runs", "nonsense"]) == 2
