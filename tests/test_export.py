@@ -3,6 +3,7 @@ exported model (conftest.py's `exported`) is the one test_serve.py serves."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -57,6 +58,8 @@ def test_graph_names_dynamic_batch_and_metadata(exported):
     assert json.loads(meta["mean"]) == pytest.approx(spec["mean"]) and json.loads(meta["std"]) == pytest.approx(spec["std"])
     assert meta["image_size"] == "32" and meta["model_name"] == "resnet32" and meta["source"] == "models:/tiny/1"
     assert meta["model_version"] == "1" and meta["mbib_version"] == __version__ and meta["exporter"] == "dynamo"
+    # the checkpoint's own version (what a file export, not from the registry, serves as its version)
+    assert meta["checkpoint_sha256_12"] == hashlib.sha256(Path(exported["ckpt"]).read_bytes()).hexdigest()[:12]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7])
