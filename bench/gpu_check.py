@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mbib.config import TrainConfig, resolve_config
-from mbib.losses import method_recipe
+from mbib.methods import method_recipe
 from mbib.train.engine import Batch, Engine, device_options, load_data
 
 COMPARE = {  # label -> (method, extra overrides): the GML comparison plus the check of mbib-gml's beta warm-up

@@ -17,7 +17,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
                          "(image folders: used as stored unless given)"),
     "augment": ("data.augment", str, "standard (crop+flip) or strong (AutoAugment+Cutout)"),
     "arch": ("model.arch", str, "resnet32, resnet10, resnet50, resnext50_32x4d"),
-    "method": ("loss.method", str, "mbib, bib, ce, focal, bsce, ldam-drw, ... (see mbib.losses.METHODS)"),
+    "method": ("loss.method", str, "mbib, bib, ce, focal, bsce, ldam-drw, ... (see mbib.methods.METHODS)"),
     "beta": ("loss.beta", float, "weight of the VSD loss (Eq. 9)"),
     "a": ("loss.a", float, "weight of BIB(v1, z) (Eq. 11)"),
     "b": ("loss.b", float, "weight of BIB(v2, z) (Eq. 11)"),

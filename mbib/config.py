@@ -43,7 +43,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     """The method and its loss settings. A setting left None is the method's own paper default, registered beside
-    its loss (mbib.losses; e.g. m = 0.1 for BIB / MBIB, 0 for BSCE): one config drives every method, and a
+    its loss (mbib.methods; e.g. m = 0.1 for BIB / MBIB, 0 for BSCE): one config drives every method, and a
     value set here reaches every method that takes it."""
 
     method: str = "mbib"

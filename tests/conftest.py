@@ -1,8 +1,17 @@
-"""Shared fixtures: one real local Ray for the whole session (starting Ray costs seconds)."""
+"""Shared fixtures: one real local Ray for the whole session (starting Ray costs seconds), one exported model."""
 
 import os
 
 import pytest
+
+
+END_TO_END = {"ray_local", "exported"}  # a test using one of these is end to end: marked slow wherever it is
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if END_TO_END & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +34,30 @@ def data_root():
     if not root or not os.path.exists(os.path.join(root, "mnist10k.npz")):
         pytest.skip("MBIB_DATA_ROOT with mnist10k.npz not set")
     return root
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Train, register the checkpoint in a local MLflow registry, export from models:/tiny/1 and log to MLflow: the
+    model test_export.py checks and test_serve.py serves (one export, the slow part, for both)."""
+    import mlflow
+
+    from mbib.export import export_onnx
+    from serving_helpers import train_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("export")
+    ckpt = train_tiny_checkpoint(tmp / "run")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("train", artifact_location=str(tmp / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_artifact(str(ckpt), artifact_path="checkpoint")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("tiny")
+    client.create_model_version("tiny", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
+    mlflow.create_experiment("export", artifact_location=str(tmp / "export-artifacts"))  # not ./mlruns in the cwd
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MBIB_DATA_ROOT", raising=False)  # parity images come from the checkpoint's bundled data set
+        report = export_onnx("models:/tiny/1", tmp / "model.onnx", parity_count=24, mlflow_tracking_uri=uri,
+                             mlflow_experiment="export")
+    return {"report": report, "onnx": tmp / "model.onnx", "ckpt": ckpt, "tmp": tmp, "uri": uri}

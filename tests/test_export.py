@@ -1,7 +1,9 @@
-"""ONNX export: real torch.onnx (dynamo), onnx.checker, ONNX Runtime and a local MLflow registry; no mocks."""
+"""ONNX export: real torch.onnx (dynamo), onnx.checker, ONNX Runtime and a local MLflow registry; no mocks. The
+exported model (conftest.py's `exported`) is the one test_serve.py serves."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -13,36 +15,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_helpers import digits, normalise, train_tiny_checkpoint, write_parity_npz  # noqa: E402
+from serving_helpers import digits, normalise, write_parity_npz  # noqa: E402
 
 from mbib import __version__  # noqa: E402
 from mbib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from mbib.errors import DataError  # noqa: E402
 from mbib.export import EnsembleClassifier, check_parity, export_onnx, main, parity_failure  # noqa: E402
 from mbib.models import ensemble_logits  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Train, register the checkpoint in a local MLflow registry, export from models:/tiny/1 and log to MLflow."""
-    import mlflow
-
-    tmp = tmp_path_factory.mktemp("export")
-    ckpt = train_tiny_checkpoint(tmp / "run")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment("train", artifact_location=str(tmp / "artifacts"))
-    with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_artifact(str(ckpt), artifact_path="checkpoint")
-    client = mlflow.MlflowClient()
-    client.create_registered_model("tiny")
-    client.create_model_version("tiny", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
-    mlflow.create_experiment("export", artifact_location=str(tmp / "export-artifacts"))  # not ./mlruns in the cwd
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MBIB_DATA_ROOT", raising=False)  # parity images come from the checkpoint's bundled data set
-        report = export_onnx("models:/tiny/1", tmp / "model.onnx", parity_count=24, mlflow_tracking_uri=uri,
-                             mlflow_experiment="export")
-    return {"report": report, "onnx": tmp / "model.onnx", "ckpt": ckpt, "tmp": tmp, "uri": uri}
 
 
 def test_report_passes_parity_on_real_images_and_is_logged_to_mlflow(exported):
@@ -79,6 +58,8 @@ def test_graph_names_dynamic_batch_and_metadata(exported):
     assert json.loads(meta["mean"]) == pytest.approx(spec["mean"]) and json.loads(meta["std"]) == pytest.approx(spec["std"])
     assert meta["image_size"] == "32" and meta["model_name"] == "resnet32" and meta["source"] == "models:/tiny/1"
     assert meta["model_version"] == "1" and meta["mbib_version"] == __version__ and meta["exporter"] == "dynamo"
+    # the checkpoint's own version (what a file export, not from the registry, serves as its version)
+    assert meta["checkpoint_sha256_12"] == hashlib.sha256(Path(exported["ckpt"]).read_bytes()).hexdigest()[:12]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7])

@@ -10,7 +10,7 @@ from mbib.checkpoint import save_checkpoint
 from mbib.config import TrainConfig, apply_overrides
 from mbib.errors import ConfigError
 from mbib.export import export_onnx
-from mbib.losses import build_criterion
+from mbib.methods import build_criterion
 from mbib.models import build_model
 from mbib.train.build import build_task, model_spec
 from mbib.train.engine import Engine, load_data

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion, method_task
-from mbib.train.task import Task
+from mbib.methods import METHOD_MODEL_OPTIONS, METHODS, Task, build_criterion, method_task
 
 
 @pytest.mark.parametrize("tau", [0.0, 1.0, 2.0])

@@ -11,27 +11,22 @@ import torch.nn.functional as F
 
 from mbib.errors import ConfigError
 from mbib.losses import (
-    METHOD_MODEL_OPTIONS,
-    METHODS,
     balanced_ce,
     bib_loss,
     bib_loss_terms,
     bib_pairs,
-    build_criterion,
     class_constants,
     class_weights,
     drw_weights,
     ldam_margins,
     mbib_loss,
     mbib_loss_terms,
-    method_defaults,
-    register_method,
     tap_weights,
     temperatures,
     vsd_loss,
 )
-from mbib.losses import registry
-from mbib.losses.criteria import SingleHeadCriterion
+from mbib.methods import METHOD_MODEL_OPTIONS, METHODS, build_criterion, method_defaults, register_method, registry
+from mbib.methods.single_head import SingleHeadCriterion
 
 COUNTS = [100, 20, 5]
 V = [[1.0, 0.5, -0.5], [0.2, 0.1, 0.3]]
@@ -387,7 +382,8 @@ def test_criterion_matches_functional_and_caches_constants():
 
 def test_defaults_follow_the_paper():
     assert method_defaults("mbib") == {"beta": 5.0, "m": 0.1, "gamma": 0.0, "weighted_mean": "weights",
-                                       "logit_adjust": True, "vsd_logits": "raw", "a": 0.1, "b": 0.3}
+                                       "logit_adjust": True, "vsd_logits": "raw", "a": 0.1, "b": 0.3,
+                                       "detach_shallow": True}
     assert method_defaults("ldam-drw")["drw_epoch"] == 160
 
 

@@ -21,11 +21,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_helpers import digits, normalise, train_tiny_checkpoint, write_parity_npz  # noqa: E402
+from serving_helpers import digits, normalise  # noqa: E402
 
 from mbib.checkpoint import model_from_checkpoint  # noqa: E402
 from mbib.errors import ConfigError  # noqa: E402
-from mbib.export import export_onnx  # noqa: E402
 from mbib.models import ensemble_logits  # noqa: E402
 from mbib.raylocal import free_port  # noqa: E402
 from mbib.serving import ServeSettings, build_app, cuda_present, resize_for_model, to_model_input  # noqa: E402
@@ -35,19 +34,16 @@ PIXEL_LIMIT = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, ray_local):
+def service(exported, ray_local):
     from ray import serve
 
     from mbib.serving import ServeSettings, build_app
 
-    tmp = tmp_path_factory.mktemp("serve")
-    ckpt = train_tiny_checkpoint(tmp / "run")
-    export_onnx(ckpt, tmp / "model.onnx", parity_npz=str(write_parity_npz(tmp / "parity.npz")))
-    model, state = model_from_checkpoint(ckpt)
+    model, state = model_from_checkpoint(exported["ckpt"])
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(model_path=str(tmp / "model.onnx"), num_replicas=1, num_cpus=0.5, max_batch_size=8,
+    settings = ServeSettings(model_path=str(exported["onnx"]), num_replicas=1, num_cpus=0.5, max_batch_size=8,
                              batch_wait_timeout_s=0.01, max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
     serve.run(build_app(settings), name="mbib", route_prefix="/")
     with httpx.Client(base_url=base, timeout=60) as client:
@@ -96,7 +92,7 @@ def test_png_and_jpeg_bodies_give_pytorchs_prediction(service, test_pixels):
         response = client.post("/classify", content=_encode(image, "PNG"), headers={"content-type": "image/png"})
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["model"]["name"] == "resnet32" and len(body["model"]["version"]) == 12
+        assert body["model"]["name"] == "resnet32" and body["model"]["version"] == "1"  # models:/tiny/1's version
         _assert_matches(body["predictions"], expected_png[i], 5)
         response = client.post("/classify", params={"top_k": 3}, content=jpegs[i], headers={"content-type": "image/jpeg"})
         assert response.status_code == 200, response.text
@@ -190,7 +186,7 @@ def test_metadata_and_openapi(service):
     assert meta["input"]["mean"] == pytest.approx(service["spec"]["mean"])
     gpu = cuda_present() and "CUDAExecutionProvider" in ort.get_available_providers()
     assert meta["providers"][0] == ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider")  # CUDA asked for only with a GPU
-    assert meta["model"]["source"].endswith("checkpoint.pt")
+    assert meta["model"]["source"] == "models:/tiny/1"  # the exported model's origin (conftest.py's `exported`)
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/classify", "/classify/batch", "/healthz", "/metadata"} <= set(paths)
     assert "image/png" in paths["/classify"]["post"]["requestBody"]["content"]

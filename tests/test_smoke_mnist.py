@@ -1,11 +1,13 @@
 """MBIB learns real digits: a couple of hundred steps on MNIST-LT reduce the loss and beat chance by far."""
 
+import pytest
 import torch
 
 from mbib.config import TrainConfig, apply_overrides
 from mbib.train.engine import Engine, load_data
 
 
+@pytest.mark.slow
 def test_mbib_learns_mnist_lt(data_root):
     cfg = apply_overrides(TrainConfig(), {
         "data.dataset": "mnist-lt", "data.data_root": data_root, "data.imbalance_factor": 100,

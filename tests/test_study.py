@@ -1,4 +1,5 @@
-"""Studies on a real local Ray (each study driver in its own process, as `python studies/cifar_grid.py` runs)."""
+"""Studies on a real local Ray (each study driver in its own process, as `python studies/cifar_grid.py` runs), and
+the pieces around them (ports, cluster files, Optuna's view of stopped trials) alone."""
 
 import json
 import os
@@ -12,7 +13,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def _env(**extra):
@@ -24,10 +24,12 @@ def _env(**extra):
     return e
 
 
-def _driver(tmp_path, *args, env=None):
+def _driver(tmp_path, *args, env=None, launcher=()):
+    """The smoke study's driver process; `launcher`: python arguments that run the script (CLUSTER_SCRIPT)."""
     e = _env(**(env or {}))
-    cmd = [sys.executable, str(REPO / "studies" / "cifar_grid.py"), "--smoke", "--storage-path", str(tmp_path / "runs"),
-           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--name", "t", *args]
+    cmd = [sys.executable, *launcher, str(REPO / "studies" / "cifar_grid.py"), "--smoke",
+           "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--name", "t", *args]
     return subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=open(tmp_path / "driver.log", "a"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -38,14 +40,44 @@ def _client(tmp_path):
     return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
+CLUSTER_SCRIPT = r"""
+import os, runpy, sys
+from ray.cluster_utils import Cluster
+import ray
+port, script = sys.argv[1], sys.argv[2]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                        "dashboard_port": int(port)})
+nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}})
+print("NODES", *(n.node_id for n in nodes), flush=True)
+sys.argv = sys.argv[2:]
+code = 1
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as done:
+    code = done.code
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+sys.exit(code)
+"""
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The smoke study (2 one-epoch trials per data set) run by its script on a two-node local cluster (a head
+    with no CPUs, two 1-CPU workers): one study for its MLflow records and for where its trials ran."""
+    from mbib.raylocal import free_port
+
     tmp = tmp_path_factory.mktemp("smoke")
-    proc = _driver(tmp, "--num-samples", "2", "--epochs", "3")  # three evaluations: the chosen one need not be last
+    # three evaluations: the chosen one need not be the last
+    proc = _driver(tmp, "--num-samples", "2", "--epochs", "3", launcher=("-c", CLUSTER_SCRIPT, str(free_port())))
     assert proc.wait(timeout=900) == 0, (tmp / "driver.log").read_text()[-3000:]
     return tmp
 
 
+@pytest.mark.slow
 def test_smoke_study_logs_parent_child_runs_plots_and_registers(smoke):
     from mbib.study.cli import smoke_datasets
     from mbib.study.spec import SEARCH_SPACE
@@ -106,6 +138,7 @@ def _tpe_proposals(seed, n):
     return [study.ask(fixed_distributions=dists).params for _ in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)  # two study drivers one after the other, 4-epoch trials
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     client = _client(tmp_path)
@@ -196,36 +229,18 @@ def _in_flight_trial_dirs(tmp_path, epochs: int):
     return [d for d, status in states if status == "RUNNING" and 1 <= (_epochs_reported(d) or [0])[-1] < epochs]
 
 
-CLUSTER_SCRIPT = r"""
-import json, os, sys
-from ray.cluster_utils import Cluster
-import ray
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
-                                                        "dashboard_port": int(sys.argv[2])})
-nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{sys.argv[2]}"
-ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}})
-from mbib.study import cli, search, spec as study_spec
-spec = study_spec.StudySpec(name="c", preset="cifar100-lt", datasets=cli.smoke_datasets()[-1:],
-                       overrides=dict(cli.SMOKE_OVERRIDES, **{"optim.epochs": 1, "data.limit_train": 64}),
-                       num_samples=2, max_concurrent=2, storage_path=sys.argv[1] + "/runs",
-                       tracking_uri=f"sqlite:///{sys.argv[1]}/mlflow.db")
-out = search.run_study(spec)
-print("NODES", json.dumps({"workers": [r.worker_nodes for r in out[0].rows],
-                           "cluster": [n.node_id for n in nodes]}))
-"""
-
-
-def test_two_node_cluster_places_trials_on_both_nodes(tmp_path):
-    from mbib.raylocal import free_port
-
-    env = _env()
-    res = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path), str(free_port())], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=600)
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("NODES ")), None)
-    assert line, res.stdout[-2000:] + res.stderr[-3000:]
-    info = json.loads(line[6:])
-    assert set(info["workers"]) == set(info["cluster"])  # one 1-CPU trial on each worker node
+@pytest.mark.slow
+def test_smoke_trials_ran_on_both_nodes_of_the_cluster(smoke):
+    line = next(ln for ln in (smoke / "driver.log").read_text().splitlines() if ln.startswith("NODES "))
+    client = _client(smoke)
+    placed = set()
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id], max_results=1000)
+    for parent in (r for r in runs if "mlflow.parentRunId" not in r.data.tags):
+        study = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", str(smoke))).read_text())
+        nodes = [t["worker_nodes"] for t in study["trials"]]
+        assert all(n and "," not in n for n in nodes)  # each 1-CPU trial on one node
+        placed.update(nodes)
+    assert placed == set(line.split()[1:])  # and the trials on both worker nodes
 
 
 @pytest.mark.parametrize("damage,expected", [
@@ -278,6 +293,7 @@ def test_dashboard_gets_ten_minutes_to_start_unless_the_environment_says(monkeyp
     assert ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 5
 
 
+@pytest.mark.slow
 def test_ray_that_cannot_start_is_one_line(tmp_path):
     """The reported failure itself: the dashboard not up in time ("Failed to start the dashboard")."""
     script = ("from mbib.errors import TrainingError\nfrom mbib.raylocal import ensure_ray\n"

@@ -1,10 +1,14 @@
 """Studies against a real `mlflow server` process: artifacts and the registry over HTTP, a server that is not
-there at the start, and one that goes away mid-study (nothing lost: --resume logs what it missed)."""
+there at the start, and one that goes away mid-study (its connections cut by a relay; nothing lost: --resume
+logs what it missed)."""
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -48,6 +52,50 @@ def _server(tmp, port):
     raise AssertionError("mlflow server did not start")
 
 
+class Cut:
+    """A TCP relay in front of the server, on a port of its own: cut() drops every connection and refuses new ones,
+    as a server that went away would; restore() listens again on the same port. Cheaper than a second server."""
+
+    def __init__(self, upstream: int):
+        self.upstream, self.port, self.links, self.lock = upstream, free_port(), [], threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() that close alone would leave listening
+        self.listener.close()
+        with self.lock:
+            for s in self.links:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self.links.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                near, _ = listener.accept()
+            except OSError:  # cut
+                return
+            far = socket.create_connection(("127.0.0.1", self.upstream))
+            with self.lock:
+                self.links += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
 def _trial_runs(client):
     exps = [e.experiment_id for e in client.search_experiments()]
     return exps and client.search_runs(exps, "tags.`mbib.trial_id` != ''")
@@ -66,28 +114,31 @@ def test_unreachable_server_stops_the_study_in_one_line_before_any_trial(tmp_pat
     assert not (tmp_path / "runs").exists()  # no trial ran
 
 
-@pytest.mark.timeout(1800)  # two short studies and two server starts: slow on a busy 2-core machine
+@pytest.mark.timeout(1800)  # two short studies on a busy 2-core machine
 def test_study_through_a_server_that_goes_away_loses_nothing_after_resume(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from mbib.tracking.trials import TAG_LATE
 
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server, client = _server(tmp_path, port), MlflowClient(uri, registry_uri=uri)
-    driver = _study(tmp_path, uri)
-    deadline = time.time() + 600
-    while not _trial_runs(client):
-        assert driver.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
-        time.sleep(1)
-    _stop(server)  # the first trial is running: everything after this is what the server missed
-    assert driver.wait(timeout=900) == 2, (tmp_path / "driver.log").read_text()[-3000:]
-    errors = [ln for ln in (tmp_path / "driver.log").read_text().splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: the MLflow server at {uri} stopped answering")
-    assert "--resume" in errors[0]
-
     server = _server(tmp_path, port)
+    relay = Cut(port)
+    uri = f"http://127.0.0.1:{relay.port}"  # the study's way to the server; the test's own client goes direct
+    client = MlflowClient(f"http://127.0.0.1:{port}", registry_uri=f"http://127.0.0.1:{port}")
+    driver = None
     try:
+        driver = _study(tmp_path, uri)
+        deadline = time.time() + 600
+        while not _trial_runs(client):
+            assert driver.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(1)
+        relay.cut()  # the first trial is running: everything after this is what the server missed
+        assert driver.wait(timeout=900) == 2, (tmp_path / "driver.log").read_text()[-3000:]
+        errors = [ln for ln in (tmp_path / "driver.log").read_text().splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: the MLflow server at {uri} stopped answering")
+        assert "--resume" in errors[0]
+
+        relay.restore()
         assert _study(tmp_path, uri, "--resume").wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
         exp = client.get_experiment_by_name("t")
         assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on training runs
@@ -109,4 +160,7 @@ def test_study_through_a_server_that_goes_away_loses_nothing_after_resume(tmp_pa
         assert (tmp_path / "served-artifacts").is_dir()  # artifacts went through the server, not to the driver's disk
         assert not (tmp_path / "mlartifacts").exists()
     finally:
+        if driver is not None and driver.poll() is None:
+            _stop(driver)
+        relay.cut()
         _stop(server)

@@ -1,4 +1,4 @@
-"""The training engine on a real local Ray: DDP sync, fault-tolerant resume, MLflow records, NaN handling."""
+"""The training engine on a real local Ray: DDP sync, fault-tolerant resume (restarts, a rerun of the run name,\nruntime.resume_from), MLflow records, NaN handling."""
 
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from mbib import tracking
 from mbib.checkpoint import load_checkpoint
 from mbib.config import TrainConfig, apply_overrides
 from mbib.errors import TrainingError
-from mbib.train.runner import MLflowReportCallback, build_trainer, run_training
+from mbib.train.runner import CopyLatestCheckpoint, MLflowReportCallback, build_trainer, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -92,15 +92,23 @@ def test_fault_between_checkpoints_restarts_replays_and_logs_each_step_once(trac
     _assert_same_weights(clean.run_dir, Path(result.path))
 
 
-def test_crash_without_restarts_says_how_to_resume_and_the_resume_works(tracked, ray_local, tmp_path):
+def test_crash_says_how_to_resume_and_both_resumes_equal_the_uninterrupted_run(tracked, ray_local, tmp_path):
+    """A crash with no restarts left: the same run name continues it here, and a new run continues it from the
+    checkpoint copied out (runtime.resume_from, as on another machine); both end with the uninterrupted weights."""
+    carry = tmp_path / "carried" / "latest.pt"
     cfg = tiny(tmp_path, run_name="stopped", **{"runtime.inject_failure_epoch": 2})
-    with pytest.raises(TrainingError) as err:
-        run_training(cfg, track=False)
+    with pytest.raises(TrainingError) as err:  # dies after epoch 2, its latest checkpoint epoch 1's
+        run_training(cfg, track=False, callbacks=[CopyLatestCheckpoint(carry)])
     message = str(err.value)
     assert "InjectedFault" in message and "--run-name stopped" in message and "--max-failures" in message
     assert "\n" not in message
+    assert carry.is_file() and [p.name for p in carry.parent.iterdir()] == ["latest.pt"]  # no temporary left
     resumed = run_training(tiny(tmp_path, run_name="stopped", **{"runtime.inject_failure_epoch": 2}), track=False)
     _assert_same_weights(tracked[2].run_dir, resumed.run_dir)
+    moved = run_training(tiny(tmp_path / "elsewhere", run_name="moved", **{"runtime.resume_from": str(carry)}),
+                         track=False)
+    _assert_same_weights(tracked[2].run_dir, moved.run_dir)
+    assert moved.metrics["started_at_epoch"] == 2 and moved.metrics["elapsed_s"] > 0
     # the same run name with another model: one line naming both sides, not torch's load_state_dict report
     with pytest.raises(TrainingError) as err:
         run_training(tiny(tmp_path, run_name="stopped", **{"model.num_taps": 2}), track=False)

@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     from mbib.console import set_verbose
 
     set_verbose(args.verbose)
-    from mbib.losses import METHODS
+    from mbib.methods import METHODS
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mbib.config import TrainConfig, apply_overrides, resolve_config
-from mbib.losses import method_defaults, method_recipe
+from mbib.methods import method_defaults, method_recipe
 
 
 EXPERIMENT = "reproduction"

@@ -1,17 +1,18 @@
 """A run's configuration -> its method's Task: which network to build, with which loss settings.
 
-Nothing here knows a method: the registry (mbib.losses) says each method's head, model options and task.
+Nothing here knows a method: the registry (mbib.methods) says each method's head, model options and task.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from mbib.config import TrainConfig
+from mbib.config import LossConfig, TrainConfig
 from mbib.errors import ConfigError
-from mbib.losses import METHOD_MODEL_OPTIONS, METHODS, build_criterion, method_settings, method_task
+from mbib.methods import (METHOD_MODEL_OPTIONS, METHODS, Task, build_criterion, config_hparam, method_settings,
+                          method_task)
 from mbib.models import build_model
-from mbib.train.task import Task
 
 
 def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -29,11 +30,8 @@ def model_spec(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     return {"name": cfg.model.arch, "num_classes": num_classes, "options": options}
 
 
-# LossConfig field -> the criterion keyword it sets (the names the registry's defaults use)
-LOSS_FIELDS = {"beta": "beta", "a": "a", "b": "b", "m": "m", "gamma": "gamma", "weighted_mean": "weighted_mean",
-               "vsd_logits": "vsd_logits", "logit_adjust": "logit_adjust", "detach_shallow": "detach_shallow",
-               "focal_gamma": "focal_gamma", "tau": "tau", "gml_weight": "con_weight",
-               "drw_epoch": "drw_epoch"}
+# LossConfig field -> the criterion keyword it sets, as the methods registered them
+LOSS_FIELDS = {f.name: key for f in dataclasses.fields(LossConfig) if (key := config_hparam(f.name)) is not None}
 
 
 def criterion_hparams(cfg: TrainConfig) -> dict[str, Any]:

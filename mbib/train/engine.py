@@ -1,7 +1,7 @@
 """One worker's training state: the method's task, the data source, optimiser and schedule, with a train step
 and an evaluation.
 
-The engine knows no method and no kind of data: the task (mbib.train.task) answers for the method, the data
+The engine knows no method and no kind of data: the task (mbib.methods.task) answers for the method, the data
 source (mbib.data.source) for the data. It knows nothing of Ray either: the Ray Train loop (mbib.train.loop)
 drives it, and benchmarks or tests can drive it directly. Distributed pieces (DDP, all-reduce of the confusion
 matrix) switch on with world_size > 1.

@@ -23,7 +23,3 @@ def lr_factor(epoch: float, optim: OptimConfig) -> float:
             factor = f  # Cao et al.'s factors are absolute (x0.01, then x0.0001), not cumulative
     return factor
 
-
-def ramp(step: float, total: float) -> float:
-    """Linear warm-up factor: step / total, capped at 1 (the VSD weight's ramp over its warm-up steps)."""
-    return min(1.0, step / total)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mbib.losses import functional as L
-from mbib.losses.criteria import Criterion
-from mbib.losses.registry import register_method
+from mbib.methods.criterion import Criterion
+from mbib.methods.registry import register_method
 
 
 def logit_adjusted_ce(logits: Tensor, labels: Tensor, log_prior: Tensor, tau: float) -> Tensor:

@@ -3,7 +3,7 @@ method's state, and answers each question the engine would otherwise answer with
 
 As in timm's TrainingTask (timm/task/), the loop only steps a task. A method that needs more than Task gives
 (GML's key encoder, extra views and dataset indices) subclasses it beside its own code, and registers the
-subclass with its loss (mbib.losses.register_method(..., task=...)).
+subclass with its loss (mbib.methods.register_method(..., task=...)).
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mbib.train.schedule import ramp
-
 if TYPE_CHECKING:
     from mbib.config import TrainConfig
     from mbib.data.source import Batch
-    from mbib.losses.criteria import Criterion
+    from mbib.methods.criterion import Criterion
 
 
 class Task:
@@ -109,6 +107,11 @@ def vsd_warmup_epochs(cfg: TrainConfig) -> float:
     return cfg.optim.warmup_epochs if ramp_epochs is None else ramp_epochs
 
 
+def ramp(step: float, total: float) -> float:
+    """Linear warm-up factor: step / total, capped at 1 (the VSD weight's ramp over its warm-up steps)."""
+    return min(1.0, step / total)
+
+
 class VSDRamp:
     """The one deviation from Appendix J (README): beta grows linearly from 0 over the warm-up epochs, so the
     distillation teacher q(y|v) is trained before z follows it; 0 warm-up epochs keeps beta fixed."""
@@ -119,14 +122,3 @@ class VSDRamp:
     def at(self, step: int, steps_per_epoch: int) -> None:
         if self.warmup_epochs > 0:
             self.loss.beta = self.beta * ramp(step, self.warmup_epochs * steps_per_epoch)
-
-
-class BIBTask(Task):
-    """BIB, MBIB and their ablations: plain classification with the VSD weight beta ramped up per step."""
-
-    def __init__(self, cfg: TrainConfig, network: nn.Module, criterion: Criterion) -> None:
-        super().__init__(cfg, network, criterion)
-        self.ramp = VSDRamp(criterion, vsd_warmup_epochs(cfg))
-
-    def before_step(self, step: int, steps_per_epoch: int) -> None:
-        self.ramp.at(step, steps_per_epoch)

@@ -56,11 +56,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbib.errors import ConfigError
-from mbib.losses.criteria import Criterion
 from mbib.losses.functional import tap_keys
-from mbib.losses.registry import build_criterion, method_defaults, register_method
+from mbib.methods import bib  # noqa: F401  registers "mbib", whose objective and defaults mbib-gml takes
+from mbib.methods.criterion import Criterion
+from mbib.methods.registry import build_criterion, method_defaults, register_method
+from mbib.methods.task import Task, VSDRamp, vsd_warmup_epochs
 from mbib.models import build_model
-from mbib.train.task import Task, VSDRamp, vsd_warmup_epochs
 
 QUERY_KEY = "gml_query"  # [B, dim] L2-normalised query projections (training only)
 KEY_KEY = "gml_key"  # [B, dim] L2-normalised keys from the key encoder (training only, no grad)
@@ -307,6 +308,7 @@ def logits_and_features(model: nn.Module, x):
 
 
 GML_RECIPE = {"data.augment": "strong"}  # GML's published results use AutoAugment + Cutout
+GML_CONFIG = {"gml_weight": "con_weight"}  # loss.gml_weight sets the contrastive term's weight
 GML_DEFAULTS = {  # the authors' CIFAR settings
     "queue_size": 4096, "base_k": 2, "dim": 32, "sup_temperature": 1.0 / 30.0, "init_temperature": 0.1,
     "per_class_temperature": True, "sup_weight": 1.0, "con_weight": 1.0, "kd_weight": 1.0,
@@ -444,12 +446,13 @@ def _mbib_gml_factory(class_counts, **hparams) -> GMLCriterion:
 
 
 def register_gml_methods() -> None:
-    """Add "gml" and "mbib-gml" to the method registry (mbib.losses); run on import, idempotent."""
+    """Add "gml" and "mbib-gml" to the method registry (mbib.methods); run on import, idempotent."""
     register_method("gml", "plain", _gml_factory, GML_DEFAULTS, GML_METHODS["gml"][2],
-                    task=partial(GMLTask, feature=GML_METHODS["gml"][1]), recipe=GML_RECIPE)
+                    task=partial(GMLTask, feature=GML_METHODS["gml"][1]), recipe=GML_RECIPE, config_names=GML_CONFIG)
     mbib_gml = {**method_defaults("mbib"), **{k: v for k, v in GML_DEFAULTS.items() if k not in ("sup_weight", "kd_weight")}}
     register_method("mbib-gml", "mbib", _mbib_gml_factory, mbib_gml, GML_METHODS["mbib-gml"][2],
-                    task=partial(GMLTask, feature=GML_METHODS["mbib-gml"][1]), recipe=GML_RECIPE)
+                    task=partial(GMLTask, feature=GML_METHODS["mbib-gml"][1]), recipe=GML_RECIPE,
+                    config_names=GML_CONFIG)
 
 
 def build_gml_model(name: str, num_classes: int, method: str = "gml", teacher: nn.Module | None = None,

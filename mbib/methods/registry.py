@@ -1,7 +1,7 @@
 """The one method registry: name -> model head, loss factory, default hyperparameters and training task.
 
-Every method registers itself beside its code (the built-in losses in criteria.py, GML in mbib.gml, ...), and
-mbib.losses imports each such module once, so importing mbib.losses lists every method.
+Every method registers itself in its own module under mbib.methods (bib.py, gml.py, ...), and mbib.methods imports
+each such module once, so importing mbib.methods lists every method.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from mbib.errors import ConfigError
 from mbib.losses import functional as L
-from mbib.train.task import Task
+from mbib.methods.task import Task
 
 if TYPE_CHECKING:
-    from mbib.losses.criteria import Criterion
+    from mbib.methods.criterion import Criterion
 
 HEADS = ("plain", "bib", "mbib", "mlp")
 
@@ -31,6 +31,7 @@ class MethodSpec:
     model_options: Mapping[str, Any] = field(default_factory=dict)
     task: TaskFactory = Task
     recipe: Mapping[str, Any] = field(default_factory=dict)  # config settings of the method's published results
+    config_names: Mapping[str, str] = field(default_factory=dict)  # LossConfig field -> the hyperparameter it sets
 
 
 _SPECS: dict[str, MethodSpec] = {}
@@ -40,18 +41,20 @@ METHOD_MODEL_OPTIONS: dict[str, dict[str, Any]] = {}  # method -> build_model op
 
 def register_method(name: str, head: str, factory: Factory, defaults: Mapping[str, Any] | None = None,
                     model_options: Mapping[str, Any] | None = None, task: TaskFactory = Task,
-                    recipe: Mapping[str, Any] | None = None) -> None:
+                    recipe: Mapping[str, Any] | None = None, config_names: Mapping[str, str] | None = None) -> None:
     """Add a method: ``factory(class_counts: float64 Tensor [K], **hparams) -> Criterion`` receives the
     method's ``defaults`` overridden by the caller's values for those names; ``model_options`` are extra
     build_model options (besides head) the method's model needs; ``task(cfg, network, criterion)`` builds
-    what the engine trains (mbib.train.task.Task: plain classification); ``recipe`` the dotted config settings
+    what the engine trains (mbib.methods.task.Task: plain classification); ``recipe`` the dotted config settings
     its published numbers were trained with beyond the paper's (e.g. GML's strong augmentation), which
-    reproductions apply."""
+    reproductions apply; ``config_names`` the loss config fields that set a hyperparameter of another name
+    (GML: gml_weight -> con_weight)."""
     if head not in HEADS:
         raise ConfigError(f"head {head!r} of method {name!r} is unknown; use one of {', '.join(HEADS)}")
     if name in _SPECS and _SPECS[name].factory is not factory:
         raise ConfigError(f"loss method {name!r} is already registered; pick another name")
-    _SPECS[name] = MethodSpec(head, factory, dict(defaults or {}), dict(model_options or {}), task, dict(recipe or {}))
+    _SPECS[name] = MethodSpec(head, factory, dict(defaults or {}), dict(model_options or {}), task, dict(recipe or {}),
+                              dict(config_names or {}))
     METHODS[name] = head
     METHOD_MODEL_OPTIONS[name] = {"head": head, **(model_options or {})}
 
@@ -69,6 +72,15 @@ def method_recipe(method: str) -> dict[str, Any]:
 def method_task(method: str) -> TaskFactory:
     """What builds ``method``'s training task from (cfg, network, criterion)."""
     return _spec(method).task
+
+
+def config_hparam(config_field: str) -> str | None:
+    """The hyperparameter a loss config field sets: the name a method registered for it, else the field's own name
+    when some method takes it; None when none does (the field is the loop's or a task's, e.g. gml_views)."""
+    for spec in _SPECS.values():
+        if config_field in spec.config_names:
+            return spec.config_names[config_field]
+    return config_field if any(config_field in spec.defaults for spec in _SPECS.values()) else None
 
 
 def _spec(method: str) -> MethodSpec:
