@@ -1,4 +1,7 @@
-"""The device-resident data path draws exactly the per-batch path's images, labels, crops and flips."""
+"""The device-resident data path draws exactly the per-batch path's images, labels, crops and flips (on the CPU
+here; with MBIB_TEST_DEVICE=cuda in the GPU script, on CUDA generators)."""
+
+import os
 
 import pytest
 import torch
@@ -7,6 +10,8 @@ from mbib.data.augment import normalize
 from mbib.data.datasets import ImageData
 from mbib.data.resident import ResidentData
 from mbib.data.source import Shard, open_source
+
+DEVICE = torch.device(os.environ.get("MBIB_TEST_DEVICE", "cpu"))
 
 
 def _data(n: int = 300, k: int = 5) -> ImageData:
@@ -21,7 +26,7 @@ def _data(n: int = 300, k: int = 5) -> ImageData:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_resident_batches_equal_the_per_batch_path(channels_last):
     data = _data()
-    source = open_source(data, Shard(torch.device("cpu"), channels_last=channels_last), batch_size=64, seed=7)
+    source = open_source(data, Shard(DEVICE, channels_last=channels_last), batch_size=64, seed=7)
     resident = ResidentData(source)
     for epoch in (0, 3):
         ours = list(resident.batches(resident.plan(epoch)))
@@ -38,14 +43,14 @@ def test_resident_batches_equal_the_per_batch_path(channels_last):
 
 def test_resident_test_batches_are_the_normalised_test_set():
     data = _data()
-    resident = ResidentData(open_source(data, Shard(torch.device("cpu")), batch_size=64, seed=0))
+    resident = ResidentData(open_source(data, Shard(DEVICE), batch_size=64, seed=0))
     xs, ys = zip(*resident.test_batches(32))
     assert [len(y) for y in ys] == [32, 32, 6]
-    assert torch.equal(torch.cat(ys), data.y_test)
-    assert torch.equal(torch.cat(xs), normalize(data.x_test, data.mean, data.std))
+    assert torch.equal(torch.cat(ys).cpu(), data.y_test)
+    torch.testing.assert_close(torch.cat(xs).cpu(), normalize(data.x_test, data.mean, data.std))  # CUDA may fuse
 
 
 def test_resident_refuses_what_it_cannot_plan():
-    source = open_source(_data(), Shard(torch.device("cpu")), batch_size=64, seed=0, augment="strong")
+    source = open_source(_data(), Shard(DEVICE), batch_size=64, seed=0, augment="strong")
     with pytest.raises(ValueError, match="standard-augmented"):
         ResidentData(source)

@@ -56,17 +56,23 @@ class DeviceSchedules:
         # float64, as LambdaLR multiplies; cast to the weights' float32 on the copy, as SGD casts a float lr
         self.lr = torch.tensor([[b * f for b in base_lrs] for f in factors], dtype=torch.float64, device=device)
         self.lr_now = [torch.tensor(b * factors[0], dtype=torch.float32, device=device) for b in base_lrs]
-        for group, lr in zip(optimizer.param_groups, self.lr_now):
-            group["lr"] = lr  # SGD (foreach, fused and single-tensor) takes a tensor lr and reads it on the device
         beta = vsd_weights(task, steps_per_epoch, total)
         self.beta = None if beta is None else torch.tensor(beta, dtype=torch.float64, device=device)
         if beta is not None:
             self.beta_now = torch.tensor(beta[0], dtype=torch.float32, device=device)
-            task.ramp.loss.beta = self.beta_now  # the loss multiplies by it: Eq. 9's beta, now read on the device
         weights = epoch_class_weights(task, optim.epochs)
         self.class_weights = None if weights is None else weights.to(device)
         if weights is not None:
             self.weights_now = weights[0].to(device)
+        self.bind(task, optimizer)
+
+    def bind(self, task: Task, optimizer: torch.optim.Optimizer) -> None:
+        """Point the optimiser and the loss at the tensors `apply` fills (their Python values are replaced)."""
+        for group, lr in zip(optimizer.param_groups, self.lr_now):
+            group["lr"] = lr  # SGD (fused and single-tensor) takes a tensor lr and reads it where it lies
+        if self.beta is not None:
+            task.ramp.loss.beta = self.beta_now  # the loss multiplies by it: Eq. 9's beta, read on the device
+        if self.class_weights is not None:
             # the criterion's per-epoch switch (DRW) read from the table's row instead of its Python epoch
             task.criterion.class_weights = lambda: self.weights_now
 
