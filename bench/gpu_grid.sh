@@ -25,19 +25,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PY -c "import torch, os, platform; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', os.cpu_count(), 'cpus', platform.platform())"
 
-# MPS lets the cells' small kernels run side by side; it is dropped when a CUDA call through it does not answer
-MPS=$(command -v nvidia-cuda-mps-control || ls /usr/local/nvidia/bin/nvidia-cuda-mps-control 2>/dev/null)
-if [ -n "$MPS" ] && [ -z "${NO_MPS:-}" ]; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-  mkdir -p /tmp/mps /tmp/mps-log
-  if timeout 20 "$MPS" -d && timeout 40 $PY -c "import torch; print('MPS check', torch.ones(8, device='cuda').sum().item())"; then
-    echo "MPS on ($MPS)"
-  else
-    echo quit | timeout 10 "$MPS"; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; echo "MPS off"
-  fi
-else
-  echo "MPS not used"
-fi
+# MPS lets the cells' small kernels run side by side
+source bench/mps_start.sh
 
 LEFT=$(( BUDGET - (SECONDS - START) - 40 ))  # 40 s for the report and the copies
 echo "grid: $JOBS jobs, $LEFT s: $GRID_ARGS"
