@@ -172,6 +172,8 @@ class Engine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.opts.grad_scaler)
         total_steps = self.steps_per_epoch * o.epochs
         setting = cfg.runtime.compile
+        if setting is None and fast and self.device.type == "cuda":
+            setting = False  # graphs alone until bench/gpu_fast.sh shows compiled + captured pays (issue 23)
         self.compiled = setting is not False and should_compile(setting, total_steps, compiler_available(self.device))
         if self.compiled:  # the training forward only: evaluation and the saved weights stay the task's modules
             # static shapes: the epoch's last, smaller batch gets a graph of its own rather than slower dynamic ones
