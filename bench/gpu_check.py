@@ -8,8 +8,11 @@ That machine has PyTorch and ONNX Runtime but no Ray or MLflow, so this drives m
 4. onnx: the exported ensemble on ONNX Runtime's CUDA execution provider against PyTorch (when it has one)
 5. throughput: bench/train_throughput.py on the device (the bare ResNet-32 limit vs the full MBIB step)
 6. compare: methods x seeds on MNIST-LT through the engine, same schedule for all (GML vs MBIB vs MBIB+GML)
+7. fast_tests: the CUDA-only tests, and the fast step's and resident data's tests on CUDA (MBIB_TEST_DEVICE)
+8. modes, cell, shared: the fast path's measurements (bench/fast_throughput.py)
 
     MBIB_DATA_ROOT=DIR python bench/gpu_check.py --out bench/results/gpu_check.json [--epochs 30] [--seeds 0 1]
+    bash bench/gpu_fast.sh    (sections 1, 7 and 8 in one call of under 9 minutes, under MPS)
 
 Each section's result is written as soon as it ends, so a run cut short still leaves what it measured.
 """
@@ -18,7 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -140,6 +147,22 @@ def section_compare(device: torch.device, dataset: str, data_root: str | None, e
     return {"dataset": dataset, "epochs": epochs, "batch_size": 128, "lr": 0.1, "vsd_warmup_epochs": 2, "runs": rows}
 
 
+FAST_TESTS = ["tests/test_fast_step.py", "tests/test_resident.py", "tests/test_data.py", "tests/test_autoaugment.py"]
+
+
+def section_fast_tests(timeout_s: float) -> dict:
+    """pytest on the device: the CUDA-only tests and the fast path's equality tests with MBIB_TEST_DEVICE=cuda."""
+    env = {**os.environ, "MBIB_TEST_DEVICE": "cuda"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS,
+           "-k", "cuda or fast or resident"]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"pytest ran past {timeout_s:.0f} s"}
+    return {"returncode": done.returncode, "summary": done.stdout.strip().splitlines()[-1:],
+            "tail": done.stdout[-3000:]}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results/gpu_check.json")
@@ -150,6 +173,9 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", default=list(COMPARE), choices=list(COMPARE))
     p.add_argument("--sections", nargs="+", default=["device", "parity", "onnx", "throughput", "compare"])
     p.add_argument("--budget-s", type=float, default=420, help="start no comparison run after this many seconds")
+    p.add_argument("--shared", type=int, nargs="+", default=[1, 4, 8, 16], help="processes sharing the GPU")
+    p.add_argument("--shared-seconds", type=float, default=12)
+    p.add_argument("--cell-timeout-s", type=float, default=170)
     args = p.parse_args(argv)
     start = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,6 +190,10 @@ def main(argv=None) -> dict:
         results["compare"] = {"partial": rows}
         save()
 
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fast_throughput as fast
+
     sections = {
         "device": lambda: section_device(device),
         "parity": lambda: section_parity(device, args.dataset, args.data_root),
@@ -171,6 +201,11 @@ def main(argv=None) -> dict:
         "throughput": lambda: section_throughput(out_path.parent, args.data_root),
         "compare": lambda: section_compare(device, args.dataset, args.data_root, args.epochs, args.seeds,
                                            args.methods, start + args.budget_s, record_compare),
+        "fast_tests": lambda: section_fast_tests(timeout_s=120),
+        "modes": lambda: {"bare": fast.bare_modes(device, 100, 128, steps=200),
+                          "mbib": fast.engine_modes(device, args.data_root, 3, start + args.budget_s - 100)},
+        "cell": lambda: fast.cell(args.data_root, args.cell_timeout_s, tmp),
+        "shared": lambda: fast.shared(args.data_root, args.shared, args.shared_seconds, start + args.budget_s, tmp),
     }
     for name in args.sections:
         t0 = time.perf_counter()

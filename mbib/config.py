@@ -92,6 +92,8 @@ class RuntimeConfig:
     amp: bool = True  # bf16/fp16 autocast on CUDA; bf16 on CPUs with native bf16 (AMX, AVX512-BF16)
     channels_last: bool = True  # NHWC activations (CUDA and CPU)
     compile: bool | None = None  # torch.compile the training step; None: when the run has >= 5,000 steps
+    # the device-resident, host-sync-free step (CUDA graphs on CUDA); None: on CUDA where the run allows it
+    fast_step: bool | None = None
     eval_every: int = 5  # evaluate (and checkpoint) every N epochs and at the end
     max_failures: int = 0
     storage_path: str | None = None  # None -> ./mbib_runs

@@ -74,12 +74,17 @@ class DataSource:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Augmented, normalised batches of this worker's shard; seeded by (seed, epoch, rank) for exact resumes."""
-        device, rank = self.shard.device, self.shard.rank
+        device = self.shard.device
         self.batches.set_epoch(epoch)
-        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + epoch * 1_009 + rank)
+        gen = self.epoch_generator(epoch)
         for x, y, index in self.batches:
             views = self.draw_views(x, gen)
             yield Batch(views[0], y.to(device, non_blocking=True), index.to(device), tuple(views[1:]))
+
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The generator an epoch's augmentation draws from, on the device: (seed, epoch, rank) fix its draws."""
+        return torch.Generator(device=self.shard.device).manual_seed(
+            self.seed * 1_000_003 + epoch * 1_009 + self.shard.rank)
 
 
 class InMemorySource(DataSource):

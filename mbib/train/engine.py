@@ -29,9 +29,11 @@ from mbib.errors import ConfigError, TrainingError
 from mbib.metrics import shot_groups
 from mbib.models import ensemble_logits, input_size
 from mbib.train.build import build_task, model_spec
+from mbib.train.fast_step import FastStep, fast_step_blocker, use_fast_step
 from mbib.train.schedule import lr_factor
 
 IN_MEMORY_BYTES = 4 << 30  # image folders whose decoded images fit in this are held in memory as uint8 tensors
+RESIDENT_EVAL_BATCH = 5000  # the fast path's CUDA evaluation: CIFAR's test set in two batches, not ten launch-bound ones
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,11 @@ class Engine:
         # the task's train_module as the step calls it: DDP-wrapped by wrap_model, maybe compiled below
         self.step_module = self.wrap_model(self.task.train_module)
         o = cfg.optim
+        fast = use_fast_step(cfg.runtime.fast_step, self.device,
+                             fast_step_blocker(cfg, self.data, self.task, self.world_size, self.opts))
         self.optimizer = torch.optim.SGD(self.task.param_groups(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay, nesterov=o.nesterov)
+                                         weight_decay=o.weight_decay, nesterov=o.nesterov,
+                                         fused=True if fast and self.device.type == "cuda" else None)
         shard = Shard(self.device, self.rank, self.world_size, self.opts.channels_last)
         self.source = open_source(self.data, shard, batch_size=self.local_batch, seed=cfg.runtime.seed,
                                   views=self.task.views, workers=cfg.data.loader_workers, augment=cfg.data.augment)
@@ -172,12 +177,15 @@ class Engine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.opts.grad_scaler)
         total_steps = self.steps_per_epoch * o.epochs
         setting = cfg.runtime.compile
+        if setting is None and fast and self.device.type == "cuda":
+            setting = False  # graphs alone until bench/gpu_fast.sh shows compiled + captured pays (issue 23)
         self.compiled = setting is not False and should_compile(setting, total_steps, compiler_available(self.device))
         if self.compiled:  # the training forward only: evaluation and the saved weights stay the task's modules
             # static shapes: the epoch's last, smaller batch gets a graph of its own rather than slower dynamic ones
             self.step_module = torch.compile(self.step_module, dynamic=False)
             if self.device.type == "cpu":  # inductor's C++ build warns "No CUDA runtime is found" on CPU machines
                 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        self.fast = FastStep(self) if fast else None  # after the scheduler: it tabulates its learning rates
 
     @property
     def local_batch(self) -> int:
@@ -218,18 +226,23 @@ class Engine:
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch; returns images/s (all workers) and the mean loss terms. A NaN stops every worker."""
+        t0 = time.perf_counter()
+        sums, n, images = self.fast.run_epoch(epoch) if self.fast is not None else self.per_batch_epoch(epoch)
+        seconds = max(1e-9, time.perf_counter() - t0)
+        return {"images_per_s": images * self.world_size / seconds, **mean_terms(sums, n)}
+
+    def per_batch_epoch(self, epoch: int) -> tuple[dict[str, float], int, int]:
+        """An epoch of train_step calls: (summed loss terms, steps, images of this worker)."""
         self.task.start_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
-        n, images, t0 = 0, 0, time.perf_counter()
+        n, images = 0, 0
         for batch in self.epoch_batches(epoch):
             _, terms = self.train_step(batch)  # checks finiteness itself: no second host sync here
             for k, v in terms.items():  # summed on the device: one transfer per epoch, not per step
                 sums[k] = sums.get(k, 0.0) + v.float()
             n += 1
             images += len(batch.y)
-        seconds = max(1e-9, time.perf_counter() - t0)
-        return {"images_per_s": images * self.world_size / seconds,
-                **mean_terms({k: float(v) for k, v in sums.items()}, n)}
+        return {k: float(v) for k, v in sums.items()}, n, images
 
     def param_checksum(self) -> float:
         """Sum and sum of squares of all weights and loss state: equal on every DDP worker when they are in sync."""
@@ -252,7 +265,10 @@ class Engine:
         conf = torch.zeros(2, k, k, dtype=torch.float64, device=self.device)  # [held out, selects]
         head_correct: dict[str, torch.Tensor] = {}
         seen = 0
-        for x, y in self.source.test_batches(batch_size or self.opts.eval_batch):
+        large = self.fast is not None and self.device.type == "cuda"
+        size = batch_size or (RESIDENT_EVAL_BATCH if large else self.opts.eval_batch)
+        # the fast path runs one worker only, so its whole test set in order is the shard test_batches would give
+        for x, y in self.fast.data.test_batches(size) if self.fast is not None else self.source.test_batches(size):
             with self._autocast():
                 outputs = {h: v.float() for h, v in network(x).items()}
             pred = ensemble_logits(outputs).argmax(1)
@@ -300,6 +316,8 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["global_step"])
         torch.set_rng_state(state["torch_rng"])
+        if self.fast is not None:
+            self.fast.reset()  # the loaded optimiser state lives at new addresses
 
 
 def shot_accuracy_from_confusion(conf: torch.Tensor, class_counts) -> dict[str, float]:
