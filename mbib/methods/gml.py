@@ -412,6 +412,8 @@ class GMLTask(Task):
     """GML as the engine trains it: the network inside a GMLWrapper, ``loss.gml_views`` views per image, the
     batch's dataset indices passed to the loss (own-key exclusion) and, for mbib-gml, MBIB's VSD ramp."""
 
+    capturable = False  # the key queue and its pointer change outside the weights: no CUDA graph holds the step
+
     def __init__(self, cfg, network: nn.Module, criterion: GMLCriterion, feature: str = "final") -> None:
         self.views = cfg.loss.gml_views
         if self.views not in (1, 3):

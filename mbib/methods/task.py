@@ -24,6 +24,7 @@ class Task:
     """Plain classification: the network trains as it is, and its criterion reads its logits and the labels."""
 
     views = 1  # augmented draws of each training image per batch (Batch.x, then Batch.views)
+    capturable = True  # its state is the weights and the schedules, so one CUDA graph can hold its step
 
     def __init__(self, cfg: TrainConfig, network: nn.Module, criterion: Criterion) -> None:
         self.network = network  # the classifier that is evaluated, exported and served: checkpoint key "model"

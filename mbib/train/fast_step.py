@@ -12,7 +12,7 @@ fp16 with a GradScaler (its inf check reads the host).
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -20,24 +20,22 @@ from mbib.config import TrainConfig
 from mbib.data.datasets import ImageData
 from mbib.errors import ConfigError, TrainingError
 from mbib.train.tables import DeviceSchedules
-from mbib.methods.task import BIBTask, Task
+from mbib.methods.task import Task
 
-if TYPE_CHECKING:
-    from mbib.train.engine import DeviceOptions, Engine
 
 # eager steps of each batch shape before its capture: cuDNN's autotuning, lazy allocations and SGD's momentum
 # buffers all happen outside the graph
 WARMUP_STEPS = 3
-PLAIN_TASKS = (Task, BIBTask)  # tasks whose state is the weights and the tables (GML's queue and views are not)
 
 
-def fast_step_blocker(cfg: TrainConfig, data, task: Task, world_size: int, opts: DeviceOptions) -> str | None:
-    """Why this run cannot take the fast step, or None when it can."""
+def fast_step_blocker(cfg: TrainConfig, data, task: Task, world_size: int, opts: Any) -> str | None:
+    """Why this run cannot take the fast step, or None when it can (`opts`: the engine's DeviceOptions;
+    mbib.train.engine imports this module, so none of its names are imported back)."""
     if not isinstance(data, ImageData):
         return "needs an in-memory data set (file-backed sets are decoded per batch)"
     if cfg.data.augment != "standard" or task.views != 1:
         return "needs data.augment=standard and one view per image"
-    if type(task) not in PLAIN_TASKS:
+    if not task.capturable:
         return f"cannot capture the state of method {cfg.loss.method!r}"
     if world_size != 1:
         return "runs one worker per run"
@@ -57,7 +55,7 @@ def use_fast_step(setting: bool | None, device: torch.device, blocker: str | Non
 class FastStep:
     """Runs the engine's epochs on the fast path; the engine keeps the weights, optimiser and checkpoints."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Any) -> None:  # the Engine that owns this step (it imports this module)
         from mbib.data.resident import ResidentData  # strong augmentation's imports stay off the CPU-only paths
 
         self.engine = engine
