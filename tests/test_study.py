@@ -329,15 +329,16 @@ def test_trials_stopped_early_reach_optuna_as_pruned_not_complete():
 
     from mbib.study.results import TrialRow, best_row
     from mbib.study.search import make_searcher
+    from mbib.study.spec import METRIC  # the selection split's score, which Optuna and ASHA compare
 
     s = make_searcher({"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}, max_epochs=10, seed=0)
     assert s.suggest("stopped") == {"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}
     s.suggest("full")
-    s.on_trial_result("stopped", {"acc": 40.0, "epochs_done": 2})
+    s.on_trial_result("stopped", {METRIC: 40.0, "epochs_done": 2})
     s.on_trial_result("stopped", {"epochs_done": 3})  # a non-evaluation epoch carries no accuracy
-    s.on_trial_complete("stopped", {"acc": 40.0, "epochs_done": 3})  # ASHA stopped it at 3 of 10 epochs
-    s.on_trial_result("full", {"acc": 30.0, "epochs_done": 10})
-    s.on_trial_complete("full", {"acc": 30.0, "epochs_done": 10})
+    s.on_trial_complete("stopped", {METRIC: 40.0, "epochs_done": 3})  # ASHA stopped it at 3 of 10 epochs
+    s.on_trial_result("full", {METRIC: 30.0, "epochs_done": 10})
+    s.on_trial_complete("full", {METRIC: 30.0, "epochs_done": 10})
     stopped, full = s._ot_study.trials
     # PRUNED: TPE ranks it below every COMPLETE trial (Optuna keeps its last intermediate value for reference)
     assert stopped.state == TrialState.PRUNED and stopped.intermediate_values == {2: 40.0}
