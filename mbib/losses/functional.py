@@ -242,7 +242,8 @@ def mixture_terms(
     bsc: dict[str, Tensor] = {}  # a head's BSC loss is the same in every pair it joins: compute it once
     total = None
     shift = consts.log_prior if vsd_logits == "adjusted" else 0.0  # module docstring, item 5
-    final = tap_keys(outputs)[-1] if tap_keys(outputs) else None
+    taps = tap_keys(outputs)
+    final = taps[-1] if taps else None  # the final observation's teacher is always detached
     for teacher, student, weight in pairs:
         for key in (teacher, student):
             if key not in bsc:
