@@ -103,6 +103,8 @@ class RuntimeConfig:
     show_progress: bool = True
     inject_failure_epoch: int | None = None  # test hook: crash once after this epoch's checkpoint
     inject_nan_step: int | None = None  # test hook: make the loss NaN at this global step
+    # test hook DIR:N: at its first checkpoint each process notes itself in DIR; the N-th waits there to be killed
+    inject_hang: str | None = None
 
 
 @dataclass

@@ -143,8 +143,11 @@ def _tpe_proposals(seed, n):
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
-    epochs = 4  # a kill lands mid-trial: small trials run an epoch in about a second
-    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", str(epochs))
+    epochs = 4
+    # the second trial waits after its first checkpoint until killed, so the kill lands mid-trial on any machine
+    # (polling alone lost the race on a fast one); resumed, it is the third to arrive and goes on
+    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", str(epochs),
+            "--set", f"runtime.inject_hang={tmp_path / 'hang'}:2")
     no_data = {"MBIB_DATA_ROOT": None}  # the bundled digits alone: a second data set would only repeat the same path
     proc = _driver(tmp_path, *args, env=no_data)
     # kill once Tune has recorded one finished trial and the next one has reported (and checkpointed) an epoch
@@ -153,6 +156,7 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     assert proc.poll() is None, "the study finished before it could be killed: " + (tmp_path / "driver.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert len(list((tmp_path / "hang").iterdir())) == 2  # killed while the second trial waited at its checkpoint
     finished, in_flight = _finished_trial_dirs(tmp_path), _in_flight_trial_dirs(tmp_path, epochs)
     assert finished and in_flight, "no trial was stopped part-way: " + str(_trial_states(tmp_path))
     done_at_kill = {d: _epochs_reported(d)[-1] for d in in_flight}

@@ -23,7 +23,7 @@ TAPS = (2, 3, 4, 5, 6, "4x")
 ANALYSIS_IF = 100.0  # Table 4, Table 5 and Figure 3 are at IF 100
 # may differ between legs of one grid: where files go, what is shown, how many threads, compiled or not
 NON_RESULT_KEYS = ("runtime.storage_path", "runtime.show_progress", "runtime.cpus_per_worker", "runtime.compile",
-                   "runtime.inject_failure_epoch")  # a crash test hook: the leg after it continues the same cell
+                   "runtime.inject_failure_epoch", "runtime.inject_hang")  # test hooks: a later leg continues the cell
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ machines without Ray, e.g. a lent GPU) both drive an Engine through `fit`, so a 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from mbib.checkpoint import check_compatible, describe, load_weights
@@ -57,6 +59,7 @@ def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool =
     report (the test hook of the fault-tolerance tests)."""
     cfg = engine.cfg
     epochs, since = cfg.optim.epochs, time.perf_counter()
+    noted = False  # inject_hang: whether this process has passed its first checkpoint
     for epoch in range(progress.start_epoch, epochs):
         # started_at_epoch: where this process began (0: from scratch), so a record shows a run continued, not redone
         metrics = {"epoch": epoch, "started_at_epoch": progress.start_epoch, **engine.run_epoch(epoch),
@@ -79,3 +82,16 @@ def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool =
             on_epoch(metrics)
         if inject_fault and cfg.runtime.inject_failure_epoch == epoch:
             raise InjectedFault(f"injected fault after epoch {epoch}")
+        if state is not None and cfg.runtime.inject_hang and not noted:
+            noted = True
+            hang_if_nth(cfg.runtime.inject_hang)
+
+
+def hang_if_nth(spec: str, timeout_s: float = 600.0) -> None:
+    """runtime.inject_hang DIR:N: note this process in DIR; the N-th to arrive waits (at most `timeout_s`) so a
+    test can kill a run that is certainly part-way, with a checkpoint behind it, whatever the machine's speed."""
+    folder, _, count = spec.rpartition(":")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, f"{time.time_ns()}-{os.getpid()}").touch()
+    if len(list(Path(folder).iterdir())) == int(count):
+        time.sleep(timeout_s)
