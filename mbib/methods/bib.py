@@ -55,9 +55,6 @@ class BIBTask(Task):
         super().__init__(cfg, network, criterion)
         self.ramp = VSDRamp(criterion, vsd_warmup_epochs(cfg))
 
-    def before_step(self, step: int, steps_per_epoch: int) -> None:
-        self.ramp.at(step, steps_per_epoch)
-
 
 def _bib_family(method: str, head: str, wiring: str, fixed: Mapping[str, Any]) -> Callable[..., Criterion]:
     def factory(class_counts: Tensor, **hparams: Any) -> Criterion:

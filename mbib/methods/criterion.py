@@ -25,6 +25,15 @@ class Criterion(nn.Module):
         """Called by the trainer at the start of every (0-based) epoch; only LDAM-DRW uses it."""
         self.epoch = int(epoch)
 
+    def class_weight_table(self, epochs: int) -> Tensor | None:
+        """[epochs, K] the class weights the loss applies in each epoch, for a captured step's table; None: it
+        applies none (every method but LDAM-DRW)."""
+        return None
+
+    def read_class_weights_from(self, weights: Tensor) -> None:
+        """Apply `weights` (a device row a captured step refills each epoch) in place of the epoch's own."""
+        raise NotImplementedError(f"{type(self).__name__} applies no class weights")
+
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         """The loss's own parameters the optimiser must not decay (none but GML's log temperatures)."""
         return []

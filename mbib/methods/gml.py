@@ -426,10 +426,6 @@ class GMLTask(Task):
     def wrap(self, network: nn.Module) -> GMLWrapper:
         return GMLWrapper(network, feature=self.feature)
 
-    def before_step(self, step: int, steps_per_epoch: int) -> None:
-        if self.ramp is not None:
-            self.ramp.at(step, steps_per_epoch)
-
     def inputs(self, batch) -> tuple[torch.Tensor, ...]:
         return (batch.x, *batch.views)  # classifier view, then the query's and the key's when drawn
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 
+import torch
 from torch import Tensor
 
 from mbib.errors import ConfigError
@@ -30,10 +31,20 @@ class LDAMDRWCriterion(Criterion):
         self.drw_epoch = drw_epoch
         self.register_buffer("margins", L.ldam_margins(class_counts, max_margin).float(), persistent=False)
         self.register_buffer("drw_weights", L.drw_weights(class_counts, drw_beta).float(), persistent=False)
+        self.fed_weights: Tensor | None = None  # a captured step's row of class_weight_table, when it feeds one
 
     def class_weights(self) -> Tensor | None:
         """Uniform before the defer epoch, class-balanced effective-number weights from it on."""
+        if self.fed_weights is not None:
+            return self.fed_weights
         return self.drw_weights if self.epoch >= self.drw_epoch else None
+
+    def class_weight_table(self, epochs: int) -> Tensor:
+        ones = torch.ones_like(self.drw_weights)  # uniform weights give the unweighted mean: the same loss as None
+        return torch.stack([self.drw_weights if e >= self.drw_epoch else ones for e in range(epochs)])
+
+    def read_class_weights_from(self, weights: Tensor) -> None:
+        self.fed_weights = weights
 
     def loss_terms(self, outputs: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
         key = self.final_tap(outputs)

@@ -25,6 +25,7 @@ class Task:
 
     views = 1  # augmented draws of each training image per batch (Batch.x, then Batch.views)
     capturable = True  # its state is the weights and the schedules, so one CUDA graph can hold its step
+    ramp: VSDRamp | None = None  # the per-step VSD weight of methods with Eq. 9's distillation term
 
     def __init__(self, cfg: TrainConfig, network: nn.Module, criterion: Criterion) -> None:
         self.network = network  # the classifier that is evaluated, exported and served: checkpoint key "model"
@@ -53,6 +54,8 @@ class Task:
 
     def before_step(self, step: int, steps_per_epoch: int) -> None:
         """Per-step schedules, before the forward pass of global step `step` (BIB's VSD ramp)."""
+        if self.ramp is not None:
+            self.ramp.at(step, steps_per_epoch)
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         """What the training module is called with."""
@@ -120,6 +123,20 @@ class VSDRamp:
     def __init__(self, loss: nn.Module, warmup_epochs: float) -> None:
         self.loss, self.beta, self.warmup_epochs = loss, loss.beta, warmup_epochs
 
+    def value(self, step: int, steps_per_epoch: int) -> float:
+        """beta at global step `step`."""
+        if self.warmup_epochs > 0:
+            return self.beta * ramp(step, self.warmup_epochs * steps_per_epoch)
+        return self.beta
+
+    def values(self, steps_per_epoch: int, total_steps: int) -> list[float]:
+        """beta at every step of a run, for a captured step's table."""
+        return [float(self.value(s, steps_per_epoch)) for s in range(total_steps)]
+
     def at(self, step: int, steps_per_epoch: int) -> None:
         if self.warmup_epochs > 0:
-            self.loss.beta = self.beta * ramp(step, self.warmup_epochs * steps_per_epoch)
+            self.loss.beta = self.value(step, steps_per_epoch)
+
+    def read_from(self, beta: torch.Tensor) -> None:
+        """Make the loss multiply by this 0-d device tensor (a captured step refills it) instead of a float."""
+        self.loss.beta = beta

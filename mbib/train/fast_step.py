@@ -12,9 +12,10 @@ fp16 with a GradScaler (its inf check reads the host).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from mbib.config import TrainConfig
 from mbib.data.datasets import ImageData
@@ -52,10 +53,25 @@ def use_fast_step(setting: bool | None, device: torch.device, blocker: str | Non
     return bool(setting) if setting is not None else device.type == "cuda" and blocker is None
 
 
+class StepOwner(Protocol):
+    """What FastStep reads and advances of the Engine that owns it (typed here: the engine imports this module)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    source: Any  # the engine's in-memory data set (fast_step_blocker let only ImageData through)
+    task: Task
+    step_module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    opts: Any  # the engine's DeviceOptions: amp_dtype is read
+    steps_per_epoch: int
+    global_step: int
+
+
 class FastStep:
     """Runs the engine's epochs on the fast path; the engine keeps the weights, optimiser and checkpoints."""
 
-    def __init__(self, engine: Any) -> None:  # the Engine that owns this step (it imports this module)
+    def __init__(self, engine: StepOwner) -> None:
         from mbib.data.resident import ResidentData  # strong augmentation's imports stay off the CPU-only paths
 
         self.engine = engine

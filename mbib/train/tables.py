@@ -2,8 +2,8 @@
 
 A captured step (mbib.train.fast_step) cannot take a Python float per step: the learning rate, the VSD weight
 and the per-epoch class weights (LDAM's deferred re-weighting) are tabulated once, for every step of the run,
-from the same functions the per-step path calls (lr_factor, the task's VSD ramp, the criterion's class
-weights after start_epoch), and each step copies its row into the tensors the optimiser and the loss read.
+from what the per-step path follows (lr_factor, the task's VSD ramp, the criterion's own class-weight table),
+and each step copies its row into the tensors the optimiser and the loss read.
 """
 
 from __future__ import annotations
@@ -20,31 +20,6 @@ def lr_factors(optim: OptimConfig, steps_per_epoch: int, total_steps: int) -> li
     return [lr_factor((s + 1) / steps_per_epoch, optim) for s in range(total_steps)]
 
 
-def vsd_weights(task: Task, steps_per_epoch: int, total_steps: int) -> list[float] | None:
-    """The VSD weight beta at every step, from the task's own ramp; None for a task without one."""
-    ramp = getattr(task, "ramp", None)
-    if ramp is None:
-        return None
-    values = []
-    for s in range(total_steps):
-        ramp.at(s, steps_per_epoch)
-        values.append(float(ramp.loss.beta))
-    return values
-
-
-def epoch_class_weights(task: Task, epochs: int) -> torch.Tensor | None:
-    """[epochs, K] class weights of the loss at each epoch (ones where it has none); None without the switch."""
-    criterion = task.criterion
-    if not callable(getattr(criterion, "class_weights", None)):
-        return None
-    rows = []
-    for e in range(epochs):
-        task.start_epoch(e)
-        w = criterion.class_weights()
-        rows.append(torch.ones(criterion.num_classes) if w is None else w.detach().float().cpu())
-    return torch.stack(rows)
-
-
 class DeviceSchedules:
     """Tables on the device and the 0-d tensors the optimiser and the loss read; `apply(step)` fills them."""
 
@@ -56,14 +31,14 @@ class DeviceSchedules:
         # float64, as LambdaLR multiplies; cast to the weights' float32 on the copy, as SGD casts a float lr
         self.lr = torch.tensor([[b * f for b in base_lrs] for f in factors], dtype=torch.float64, device=device)
         self.lr_now = [torch.tensor(b * factors[0], dtype=torch.float32, device=device) for b in base_lrs]
-        beta = vsd_weights(task, steps_per_epoch, total)
+        beta = None if task.ramp is None else task.ramp.values(steps_per_epoch, total)
         self.beta = None if beta is None else torch.tensor(beta, dtype=torch.float64, device=device)
         if beta is not None:
             self.beta_now = torch.tensor(beta[0], dtype=torch.float32, device=device)
-        weights = epoch_class_weights(task, optim.epochs)
-        self.class_weights = None if weights is None else weights.to(device)
+        weights = task.criterion.class_weight_table(optim.epochs)
+        self.class_weights = None if weights is None else weights.detach().float().to(device)
         if weights is not None:
-            self.weights_now = weights[0].to(device)
+            self.weights_now = self.class_weights[0].clone()
         self.bind(task, optimizer)
 
     def bind(self, task: Task, optimizer: torch.optim.Optimizer) -> None:
@@ -71,10 +46,9 @@ class DeviceSchedules:
         for group, lr in zip(optimizer.param_groups, self.lr_now):
             group["lr"] = lr  # SGD (fused and single-tensor) takes a tensor lr and reads it where it lies
         if self.beta is not None:
-            task.ramp.loss.beta = self.beta_now  # the loss multiplies by it: Eq. 9's beta, read on the device
+            task.ramp.read_from(self.beta_now)  # the loss multiplies by it: Eq. 9's beta, read on the device
         if self.class_weights is not None:
-            # the criterion's per-epoch switch (DRW) read from the table's row instead of its Python epoch
-            task.criterion.class_weights = lambda: self.weights_now
+            task.criterion.read_class_weights_from(self.weights_now)  # DRW's switch from the table, not the epoch
 
     def apply(self, step: torch.Tensor) -> None:
         """Fill the step's values from the tables; `step` is a 1-element long device tensor (no host sync)."""
