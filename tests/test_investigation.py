@@ -1,6 +1,7 @@
 """bench/investigation.py: runs pooled across their folders, seeds as mean and spread, margins paired by seed."""
 
 import json
+import re
 
 import pytest
 
@@ -50,24 +51,29 @@ def test_mean_sd_is_the_sample_spread():
 def test_runs_are_named_resumable_grids_in_their_own_folders():
     folders = [r.folder for r in inv.RUNS]
     assert len(set(folders)) == len(folders) and len({r.name for r in inv.RUNS}) == len(inv.RUNS)
-    args = inv.reproduce_args(inv.Path("r"), {r.name: r for r in inv.RUNS}["Table 9: neither"], "cifar100-lt", 200,
-                              jobs=2)
+    args = inv.reproduce_args(inv.Path("r"), {r.name: r for r in inv.RUNS}["Table 9: neither"], "cifar100-lt", 200)
     assert args[args.index("--out") + 1] == "r/investigation/mbib-no-rebalancing"
-    assert "loss.m=0" in args and "loss.logit_adjust=false" in args and args[-2:] == ["--jobs", "2"]
+    assert "loss.m=0" in args and "loss.logit_adjust=false" in args and "--runner" in args
 
 
 @pytest.mark.slow
-def test_investigation_trains_the_chosen_runs_then_skips_them(tmp_path, capsys):
+def test_jobs_train_one_cell_runs_side_by_side_then_the_starter_analyses_and_skips_them(tmp_path, capfd):
     argv = ["--root", str(tmp_path), "--dataset", "digits-lt", "--epochs", "1", "--runs", "beta 2,teachers",
             "--set", "data.limit_train=64", "--set", "data.limit_test=40", "--set", "optim.batch_size=32",
             "--set", "runtime.show_progress=false"]
-    assert inv.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert printed.count(": training mbib") == 2
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    # two runs of one cell each: with --jobs 2 each job holds a cell until both do, so they train at once
+    assert inv.main([*argv, "--jobs", "2", "--claim-barrier", f"{barrier}:2"]) == 0
+    printed = capfd.readouterr().out
+    assert printed.count(": training mbib") == 2 and len(list(barrier.iterdir())) == 2
+    assert len(set(re.findall(r"\(process (\d+)\)", printed))) == 2
+    assert "[1/1] grid/mbib/IF100: another process is training it, skipped" in printed
     report = (tmp_path / "investigation-digits-lt-1ep.md").read_text()
     assert "| mbib | beta=2 | 0 |" in report and "| mbib | detach_shallow=false | 0 |" in report
-    state = json.loads((tmp_path / "investigation/mbib-undetached/reproduction-digits-lt-1ep.state.json").read_text())
-    assert state["settings"]["overrides"]["loss.detach_shallow"] == "false"
-    assert "analysis" in state["cells"]["grid/mbib/IF100"]
-    assert inv.main(argv) == 0 and ": training" not in capsys.readouterr().out  # finished runs are skipped
+    for folder in ("mbib-undetached", "mbib-beta2"):  # the starter analysed what the jobs trained
+        state = json.loads((tmp_path / f"investigation/{folder}/reproduction-digits-lt-1ep.state.json").read_text())
+        assert "analysis" in state["cells"]["grid/mbib/IF100"]
+    assert state["settings"]["overrides"]["loss.beta"] == "2"
+    assert inv.main(argv) == 0 and ": training" not in capfd.readouterr().out  # finished runs are skipped
     assert inv.main([*argv[:6], "--runs", "nonsense"]) == 2

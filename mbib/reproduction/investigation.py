@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import shlex
+import subprocess
 import sys
 import statistics
 from dataclasses import dataclass
@@ -80,13 +82,28 @@ def cell_key(method: str) -> str:
     return f"grid/{method}/{if_label(IMBALANCE_FACTOR)}"
 
 
-def reproduce_args(root: Path, run: Run, dataset: str, epochs: int, extra: dict[str, str] | None = None,
-                   jobs: int = 1) -> list[str]:
+def reproduce_args(root: Path, run: Run, dataset: str, epochs: int, extra: dict[str, str] | None = None) -> list[str]:
     """The `bench/reproduce.py` arguments that train (or continue) `run`."""
     sets = [a for k, v in (*run.sets, *(extra or {}).items()) for a in ("--set", f"{k}={v}")]
     return ["--dataset", dataset, "--epochs", str(epochs), "--methods", ",".join(run.methods),
             "--ifs", f"{IMBALANCE_FACTOR:g}", "--seed", str(run.seed), "--runner", "plain",
-            "--out", str(root / run.folder), *sets, *(["--jobs", str(jobs)] if jobs > 1 else [])]
+            "--out", str(root / run.folder), *sets]
+
+
+def run_jobs(argv: list[str], jobs: int) -> None:
+    """`jobs` processes of this command, each walking the runs in order and training any cell no other holds
+    (bench/reproduce.py's per-cell claims), so one-cell runs train side by side too (a GPU under MPS)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    extra = ["--jobs", "1", "--job", "--set", f"runtime.cpus_per_worker={threads}",
+             "--set", "runtime.show_progress=false"]  # later flags win; one bar per process would garble the log
+    procs = [subprocess.Popen([sys.executable, "-m", "mbib.reproduction.investigation", *argv, *extra])
+             for _ in range(jobs)]
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        from mbib.errors import MBIBError
+
+        raise MBIBError(f"{sum(1 for c in codes if c)} of {jobs} jobs failed (exit codes {codes}): see their "
+                        "errors above; rerun the same command to continue")
 
 
 def collect(root: Path, runs: Sequence[Run], dataset: str, epochs: int,
@@ -186,6 +203,12 @@ def pending(root: Path, runs: Sequence[Run], dataset: str, epochs: int, extra: d
     return lines
 
 
+def complete(root: Path, run: Run, dataset: str, epochs: int, extra: dict[str, str] | None) -> bool:
+    """Every cell of `run` trained and analysed (jobs train cells; their starter analyses them)."""
+    state = run_state(root, run, run_plan(run, dataset, epochs, extra))
+    return state is not None and all("analysis" in state.cells.get(cell_key(m), {}) for m in run.methods)
+
+
 def write_report(root: Path, runs: Sequence[Run], dataset: str, epochs: int, command: str,
                  extra: dict[str, str] | None = None) -> Path:
     """investigation-<dataset>-<epochs>ep.md under root; notes between the markers survive a rewrite."""
@@ -222,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", default="bench/results", help="folder holding the runs' folders and the report")
     p.add_argument("--runs", default="", help="comma-separated run names or leads (seeds, beta, teachers, table9, "
                                               "neck) to train; default: every run, most valuable first")
-    p.add_argument("--jobs", type=int, default=1, help="cells of one run trained at once (bench/reproduce.py --jobs)")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once, one process each, across runs")
+    p.add_argument("--job", action="store_true", help=argparse.SUPPRESS)  # a process started by --jobs
+    p.add_argument("--claim-barrier", default=None, help=argparse.SUPPRESS)  # test hook: bench/reproduce.py's
     p.add_argument("--dataset", default="cifar100-lt")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -237,18 +262,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wanted and not runs:
             raise MBIBError(f"--runs {args.runs!r} names no run; use names or leads of: "
                             f"{', '.join(sorted({r.lead for r in RUNS}))}")
-        given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
-        command = "MBIB_DATA_ROOT=DIR python bench/investigation.py " + shlex.join(given)
+        if args.jobs < 1:
+            raise MBIBError(f"--jobs {args.jobs}: give a number >= 1")
+        given = list(sys.argv[1:] if argv is None else argv)
+        command = "MBIB_DATA_ROOT=DIR python bench/investigation.py " + shlex.join(
+            a for a in given if a != "--report-only")
+        if args.jobs > 1 and not args.report_only:
+            run_jobs(given, args.jobs)  # then the loop below analyses each run and trains what a job left
+        job = ["--job", *(["--claim-barrier", args.claim_barrier] if args.claim_barrier else [])] if args.job else []
         for run in [] if args.report_only else runs:
-            if not pending(root, [run], args.dataset, args.epochs, extra):
+            if complete(root, run, args.dataset, args.epochs, extra):
                 continue
             print(f"== {run.name} ({run.lead}) ==", flush=True)
-            code = reproduce_main(reproduce_args(root, run, args.dataset, args.epochs, extra, args.jobs))
-            write_report(root, RUNS, args.dataset, args.epochs, command, extra)
+            code = reproduce_main(reproduce_args(root, run, args.dataset, args.epochs, extra) + job)
             if code:
                 return code
+            if not args.job:  # jobs leave the report to the process that started them
+                write_report(root, RUNS, args.dataset, args.epochs, command, extra)
+        if args.job:
+            return 0
         print(f"report: {write_report(root, RUNS, args.dataset, args.epochs, command, extra)}")
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":  # the processes --jobs starts
+    sys.exit(main())
