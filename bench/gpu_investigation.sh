@@ -11,7 +11,8 @@
 #     cat /work/.device/.../investigation.tgz.part-* | tar xzf - -C bench/results
 #     MBIB_DATA_ROOT=../shared/data python bench/investigation.py     # analyses the new cells, writes the report
 #
-# INV_ARGS replaces the investigation's arguments (a dry run on a CPU: INV_ARGS="--dataset digits-lt --epochs 1 ...").
+# INV_ARGS replaces the investigation's arguments (a dry run on a CPU: INV_ARGS="--dataset digits-lt --epochs 1 ...");
+# run bench/gpu_fast.sh first: if its CUDA tests fail, EXTRA="--set runtime.fast_step=false" trains per batch.
 set -u
 BUDGET=${1:-570}  # seconds this script may take in all
 START=$SECONDS
@@ -20,6 +21,7 @@ WORK=${WORK:-.gpu-work}
 SRC=${SRC:-bench/results}
 JOBS=${JOBS:-8}
 INV_ARGS=${INV_ARGS:---dataset cifar100-lt --epochs 200}
+EXTRA=${EXTRA:-}
 mkdir -p "$DEST"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MBIB_DATA_ROOT=${MBIB_DATA_ROOT:-$PWD/.gpu/data}
 PY=$(command -v python3 || command -v python)
@@ -40,7 +42,7 @@ LEFT=$(( BUDGET - (SECONDS - START) - 45 ))  # 45 s for the report and the packi
 echo "investigation: $JOBS jobs, $LEFT s: $INV_ARGS"
 # timeout signals its whole process group: the jobs stop with the starter, each keeping its last checkpoint
 # shellcheck disable=SC2086
-timeout -k 10 "$LEFT" $PY bench/investigation.py $INV_ARGS --root "$WORK" --jobs "$JOBS" --set runtime.compile=false
+timeout -k 10 "$LEFT" $PY bench/investigation.py $INV_ARGS --root "$WORK" --jobs "$JOBS" --set runtime.compile=false $EXTRA
 echo "investigation exit code $? after $(( SECONDS - START )) s"
 # shellcheck disable=SC2086
 $PY bench/investigation.py $INV_ARGS --root "$WORK" --report-only
