@@ -9,6 +9,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from mbib.config import LossConfig
 from mbib.errors import ConfigError
 from mbib.losses import functional as L
 from mbib.methods.criterion import Criterion
@@ -53,5 +54,7 @@ class LDAMDRWCriterion(Criterion):
 
 
 register_method("ldam-drw", "plain", partial(LDAMDRWCriterion, "ldam-drw", "plain"),
-                # Cao et al.: largest margin 0.5, cosine logits x 30, effective-number beta 0.9999 from epoch 160
-                {"max_margin": 0.5, "scale": 30.0, "drw_epoch": 160, "drw_beta": 0.9999}, {"normed": True})
+                # Cao et al.: largest margin 0.5, cosine logits x 30, effective-number beta 0.9999 from the epoch the
+                # config holds (160 of 200; presets and epoch scaling move it with the schedule)
+                {"max_margin": 0.5, "scale": 30.0, "drw_epoch": LossConfig.drw_epoch, "drw_beta": 0.9999},
+                {"normed": True})
