@@ -143,10 +143,10 @@ def _tpe_proposals(seed, n):
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     client = _client(tmp_path)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
-    epochs = 4
-    # the second trial waits after its first checkpoint until killed, so the kill lands mid-trial on any machine
-    # (polling alone lost the race on a fast one); resumed, it is the third to arrive and goes on
-    args = ("--num-samples", "2", "--max-concurrent", "1", "--epochs", str(epochs),
+    epochs = 3
+    # the trials run side by side; the second to reach its first checkpoint waits there until killed, so the kill
+    # lands mid-trial on any machine (polling alone lost the race on a fast one); resumed, it arrives third, goes on
+    args = ("--num-samples", "2", "--max-concurrent", "2", "--epochs", str(epochs),
             "--set", f"runtime.inject_hang={tmp_path / 'hang'}:2")
     no_data = {"MBIB_DATA_ROOT": None}  # the bundled digits alone: a second data set would only repeat the same path
     proc = _driver(tmp_path, *args, env=no_data)
