@@ -83,6 +83,21 @@ def test_imbalance_factor_subsamples_an_image_folder(tmp_path):
     assert d.class_counts == [8, 4, 2, 1]
 
 
+@pytest.mark.parametrize("imbalance_factor", [8, None])
+def test_decoding_only_the_kept_images_gives_the_data_of_decoding_all(tmp_path, imbalance_factor):
+    from mbib.data.datasets import build_longtail
+
+    files = layout({"train": {c: 8 for c in "abcd"}, "test": {c: 2 for c in "abcd"}})
+    source = write_zip(tmp_path / "set.zip", files)
+    name = f"imagefolder:{source}"
+    everything = build_longtail(read_imagefolder(index_imagefolder(source)), name, imbalance_factor, seed=3)
+    d = load_dataset(name, imbalance_factor=imbalance_factor, seed=3)  # decodes the kept training images only
+    assert d.class_counts == everything.class_counts and d.mean == everything.mean and d.std == everything.std
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(d, key), getattr(everything, key)), key
+    assert len(d.y_train) == (15 if imbalance_factor else 32)
+
+
 def test_images_of_other_sizes_are_resized_to_the_model_input(tmp_path):
     files = layout({"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}}, size=40)
     files["train/a/gray.png"] = image_bytes(7, size=20, mode="L")

@@ -8,6 +8,7 @@ CIFAR-100, 5,000 for CIFAR-10, 713 for mnist10k); the test set stays complete an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from mbib.data.cifar import CIFAR10, CIFAR100, CifarLayout, download_cifar, has_cifar, read_cifar
 from mbib.data.digits import read_digits
-from mbib.data.imagefolder import index_imagefolder, read_imagefolder
+from mbib.data.imagefolder import ImageFolderIndex, index_imagefolder, read_imagefolder
 from mbib.data.longtail import longtail_indices, lt_class_counts
 from mbib.data.npz import read_npz
 from mbib.data.raw import RawData
@@ -97,14 +98,17 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalanc
     if imbalance_factor is not None and imbalance_factor < 1:
         raise ConfigError(f"imbalance factor must be >= 1 (N_max/N_min), got {imbalance_factor}")
     key = name.strip().lower()
+    keep_name = name.strip() if key.startswith(PATH_PREFIXES) else key
     root = resolve_data_root(data_root)
-    stats = None
+    stats, selection = None, None
     if key.startswith("npz:"):
         raw = read_npz(Path(name.strip()[4:]).expanduser())
     elif key.startswith(IMAGEFOLDER):
-        raw = read_imagefolder(index_imagefolder(imagefolder_path(name)), image_size)
+        raw, selection = read_longtail_imagefolder(index_imagefolder(imagefolder_path(name)), keep_name,
+                                                   imbalance_factor, seed, image_size)
     elif key in ("cifar100-lt", "cifar10-lt"):
-        raw = _load_cifar(CIFAR100 if key == "cifar100-lt" else CIFAR10, root, download)
+        raw, selection = _load_cifar(CIFAR100 if key == "cifar100-lt" else CIFAR10, root, download, imbalance_factor,
+                                     seed)
         stats = (CIFAR_MEAN, CIFAR_STD)
     elif key == "mnist-lt":
         raw = _load_mnist(root)
@@ -112,8 +116,7 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalanc
         raw = read_digits()
     else:
         raise ConfigError(f"unknown data set '{name}': choose one of {', '.join(NAMES)}")
-    keep_name = name.strip() if key.startswith(PATH_PREFIXES) else key
-    return build_longtail(raw, keep_name, imbalance_factor, seed, stats)
+    return build_longtail(raw, keep_name, imbalance_factor, seed, stats, selection)
 
 
 def imagefolder_path(name: str) -> Path:
@@ -121,19 +124,38 @@ def imagefolder_path(name: str) -> Path:
     return Path(name.strip()[len(IMAGEFOLDER):]).expanduser()
 
 
-def build_longtail(raw: RawData, name: str, imbalance_factor: float | None, seed: int,
-                   stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> ImageData:
-    """Long-tail raw's training set (deterministic for a seed; IF None keeps it as stored) and convert both
-    splits to [N,3,H>=32,W>=32]."""
-    sizes = np.bincount(raw.y_train, minlength=len(raw.classes))
+Selection = tuple[list[int], np.ndarray]  # (class counts, indices of the training images kept, in order)
+
+
+def longtail_selection(y_train: np.ndarray, num_classes: int, name: str, imbalance_factor: float | None,
+                       seed: int) -> Selection:
+    """Which training images the long tail keeps, from the labels alone (IF None: all, grouped by class)."""
+    sizes = np.bincount(y_train, minlength=num_classes)
     if sizes.min() == 0:
         raise DataError(f"data set '{name}' has no training images for class {int(np.argmin(sizes))}: "
                         "every class needs at least one")
     if imbalance_factor is None:
-        counts, keep = sizes.tolist(), np.argsort(raw.y_train, kind="stable")
-    else:
-        counts = lt_class_counts(len(raw.classes), int(sizes.min()), imbalance_factor)
-        keep = longtail_indices(raw.y_train, counts, seed)
+        return sizes.tolist(), np.argsort(y_train, kind="stable")
+    counts = lt_class_counts(num_classes, int(sizes.min()), imbalance_factor)
+    return counts, longtail_indices(y_train, counts, seed)
+
+
+def read_longtail_imagefolder(index: ImageFolderIndex, name: str, imbalance_factor: float | None, seed: int,
+                              image_size: int | None) -> tuple[RawData, Selection]:
+    """Decode only the training images the long tail keeps, in its order (CIFAR-100 at IF 100: 10,847 of
+    50,000), with the selection that takes all of them: the same data as decoding everything, ~3x sooner."""
+    labels = np.fromiter((y for _, y in index.train), dtype=np.int64, count=len(index.train))
+    counts, keep = longtail_selection(labels, len(index.classes), name, imbalance_factor, seed)
+    raw = read_imagefolder(dataclasses.replace(index, train=[index.train[k] for k in keep]), image_size)
+    return raw, (counts, np.arange(len(keep)))
+
+
+def build_longtail(raw: RawData, name: str, imbalance_factor: float | None, seed: int,
+                   stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                   selection: Selection | None = None) -> ImageData:
+    """Long-tail raw's training set (deterministic for a seed; IF None keeps it as stored; `selection` when
+    raw was read already long-tailed) and convert both splits to [N,3,H>=32,W>=32]."""
+    counts, keep = selection or longtail_selection(raw.y_train, len(raw.classes), name, imbalance_factor, seed)
     x_train = to_model_layout(raw.x_train[keep])
     mean, std = stats if stats is not None else channel_stats(x_train)
     return ImageData(name=name, x_train=x_train, y_train=torch.from_numpy(raw.y_train[keep].copy()),
@@ -178,7 +200,8 @@ def cifar_source(layout: CifarLayout, root: Path | None) -> Path | None:
     return where / f"{stem}.zip" if (where / f"{stem}.zip").is_file() else None
 
 
-def _load_cifar(layout: CifarLayout, root: Path | None, download: bool) -> RawData:
+def _load_cifar(layout: CifarLayout, root: Path | None, download: bool, imbalance_factor: float | None,
+                seed: int) -> tuple[RawData, Selection | None]:
     where = root if root is not None else DEFAULT_CIFAR_ROOT.expanduser()
     source = cifar_source(layout, root)
     if source is None:
@@ -189,11 +212,14 @@ def _load_cifar(layout: CifarLayout, root: Path | None, download: bool) -> RawDa
         download_cifar(where, layout)
         source = where / layout.folder
     if source.name == layout.folder:
-        return read_cifar(source.parent, layout)
-    raw = read_npz(source) if source.suffix == ".npz" else read_imagefolder(index_imagefolder(source), 32)
+        return read_cifar(source.parent, layout), None
+    if source.suffix == ".npz":
+        raw, selection = read_npz(source), None
+    else:
+        raw, selection = read_longtail_imagefolder(index_imagefolder(source), layout.title, imbalance_factor, seed, 32)
     if len(raw.classes) != layout.num_classes:
         raise DataError(f"{source} holds {len(raw.classes)} classes, not {layout.num_classes}: put {layout.title} there")
-    return raw
+    return raw, selection
 
 
 def _load_mnist(root: Path | None) -> RawData:
