@@ -5,6 +5,10 @@ import os
 import pytest
 
 
+# Ray Train's controller polls its workers every 2 s by default, which tiny test runs would spend waiting; the
+# in-process Ray and every driver a test starts inherit this (no effect on what is trained or recorded)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
 END_TO_END = {"ray_local", "exported"}  # a test using one of these is end to end: marked slow wherever it is
 
 
