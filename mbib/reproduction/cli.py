@@ -134,12 +134,13 @@ def claim_barrier(spec: str | None, timeout_s: float = 120.0) -> Callable[[], No
     return wait
 
 
-def run_jobs(argv: list[str], jobs: int) -> None:
-    """The same grid in `jobs` processes at once; each claims the next cell no other holds (see State)."""
+def run_jobs(argv: list[str], jobs: int, module: str = "mbib.reproduction.cli") -> None:
+    """The same command (`python -m module argv`) in `jobs` processes at once, each with --job; each claims the
+    next cell no other holds (see State)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     extra = ["--jobs", "1", "--job", "--set", f"runtime.cpus_per_worker={threads}",
              "--set", "runtime.show_progress=false"]  # later flags win; one bar per process would garble the log
-    procs = [subprocess.Popen([sys.executable, "-m", "mbib.reproduction.cli", *argv, *extra]) for _ in range(jobs)]
+    procs = [subprocess.Popen([sys.executable, "-m", module, *argv, *extra]) for _ in range(jobs)]
     codes = [proc.wait() for proc in procs]
     if any(codes):
         raise MBIBError(f"{sum(1 for c in codes if c)} of {jobs} jobs failed (exit codes {codes}): see their "

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
 import shlex
-import subprocess
 import sys
 import statistics
 from dataclasses import dataclass
@@ -88,22 +86,6 @@ def reproduce_args(root: Path, run: Run, dataset: str, epochs: int, extra: dict[
     return ["--dataset", dataset, "--epochs", str(epochs), "--methods", ",".join(run.methods),
             "--ifs", f"{IMBALANCE_FACTOR:g}", "--seed", str(run.seed), "--runner", "plain",
             "--out", str(root / run.folder), *sets]
-
-
-def run_jobs(argv: list[str], jobs: int) -> None:
-    """`jobs` processes of this command, each walking the runs in order and training any cell no other holds
-    (bench/reproduce.py's per-cell claims), so one-cell runs train side by side too (a GPU under MPS)."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    extra = ["--jobs", "1", "--job", "--set", f"runtime.cpus_per_worker={threads}",
-             "--set", "runtime.show_progress=false"]  # later flags win; one bar per process would garble the log
-    procs = [subprocess.Popen([sys.executable, "-m", "mbib.reproduction.investigation", *argv, *extra])
-             for _ in range(jobs)]
-    codes = [proc.wait() for proc in procs]
-    if any(codes):
-        from mbib.errors import MBIBError
-
-        raise MBIBError(f"{sum(1 for c in codes if c)} of {jobs} jobs failed (exit codes {codes}): see their "
-                        "errors above; rerun the same command to continue")
 
 
 def collect(root: Path, runs: Sequence[Run], dataset: str, epochs: int,
@@ -239,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Train the runs in order (each resumes where it stopped), rewriting the report after each."""
     from mbib.config import parse_sets
     from mbib.errors import MBIBError
-    from mbib.reproduction.cli import main as reproduce_main
+    from mbib.reproduction.cli import main as reproduce_main, run_jobs
 
     p = argparse.ArgumentParser(prog="bench/investigation.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="bench/results", help="folder holding the runs' folders and the report")
@@ -268,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = "MBIB_DATA_ROOT=DIR python bench/investigation.py " + shlex.join(
             a for a in given if a != "--report-only")
         if args.jobs > 1 and not args.report_only:
-            run_jobs(given, args.jobs)  # then the loop below analyses each run and trains what a job left
+            # each job walks the runs in order, so one-cell runs train side by side too; then the loop below
+            # analyses each run and trains what a job left
+            run_jobs(given, args.jobs, module="mbib.reproduction.investigation")
         job = ["--job", *(["--claim-barrier", args.claim_barrier] if args.claim_barrier else [])] if args.job else []
         for run in [] if args.report_only else runs:
             if complete(root, run, args.dataset, args.epochs, extra):
