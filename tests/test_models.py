@@ -197,3 +197,14 @@ def test_config_errors_are_one_line_and_name_the_fix():
         build_model("resnet32", 10, heads="mbib")
     with pytest.raises(ConfigError, match="mbib, bib, plain, mlp"):
         build_model("resnet32", 10, head="moe")
+
+
+def test_cifar_models_never_import_torchvision():
+    """torchvision pulls in torch._dynamo (~2 s a process): only a 224x224 backbone may import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mbib.models import build_model; build_model('resnet32', 10); a = 'torchvision' in "
+            "sys.modules; build_model('resnet10', 10); print(a, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]

@@ -7,24 +7,26 @@ layer2, layer3, layer4 (the last three stages); see mbib.models.backbone for oth
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from mbib.models.backbone import StagedBackbone
 
 STAGE_PLANES = (64, 128, 256, 512)
 
-# name -> (block, blocks per stage, ResNet kwargs)
-SPECS: dict[str, tuple[type[nn.Module], list[int], dict]] = {
-    "resnet10": (BasicBlock, [1, 1, 1, 1], {}),
-    "resnet50": (Bottleneck, [3, 4, 6, 3], {}),
-    "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}),
+# name -> (torchvision block class name, blocks per stage, ResNet kwargs)
+SPECS: dict[str, tuple[str, list[int], dict]] = {
+    "resnet10": ("BasicBlock", [1, 1, 1, 1], {}),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3], {}),
+    "resnext50_32x4d": ("Bottleneck", [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}),
 }
 
 
 def imagenet_backbone(name: str, num_taps: int = 3, input_tap: bool = False) -> StagedBackbone:
     """The torchvision ResNet `name` as a StagedBackbone (name must be a key of SPECS)."""
-    block, layers, kwargs = SPECS[name]
-    net = ResNet(block, layers, **kwargs)
+    from torchvision.models import resnet  # here: torchvision pulls in torch._dynamo (~2 s a process), CIFAR needs none
+
+    block_name, layers, kwargs = SPECS[name]
+    block = getattr(resnet, block_name)
+    net = resnet.ResNet(block, layers, **kwargs)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     stages = [net.layer1, net.layer2, net.layer3, net.layer4]
     channels = [p * block.expansion for p in STAGE_PLANES]
