@@ -36,7 +36,8 @@ def test_report_pools_seeds_and_pairs_margins_by_seed(tmp_path):
     assert "| 1.20 ± 0.14 (n=2) |" in report  # rho of z over the two seeds that have it
     # the Table 9 row carries its published splits; its settings are named
     assert "| mbib | logit_adjust=false, m=0 | 0 | 30.0 (n=1) |" in report and "43.5/62.4/44.6/20.1" in report
-    assert "- seed 2 (seeds): bsce, bib in `investigation/seed2/`" in report
+    assert "- seed 2 (seeds): bsce in `investigation/seed2/`" in report
+    assert "- seed 2: BIB (seeds): bib in `investigation/seed2-bib/`" in report
     # hand-written verdicts survive a rewrite
     path = tmp_path / "investigation-cifar100-lt-200ep.md"
     path.write_text(report.replace(inv.NOTES_START + "\n(none yet)", inv.NOTES_START + "\nseeds: undecided"))

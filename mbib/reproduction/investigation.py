@@ -44,15 +44,18 @@ def _run(name: str, folder: str, methods: Sequence[str], sets: dict[str, str] | 
     return Run(name, folder, seed, tuple(methods), tuple(sorted((sets or {}).items())), lead)
 
 
-# most valuable first (the order): seeds of the closest pair, beta, the shallow teachers, Table 9, the neck
+# most valuable first: the done-when set (seeds of the closest pair, beta 2, the shallow teachers), then
+# BIB's seeds, the other betas, Table 9, the neck; `--jobs N` trains the first N free cells side by side
 RUNS = (
     _run("seed 0", "h200", ("bsce", "bib", "mbib"), lead="seeds"),  # the H200 grid's cells (bf16, torch 2.11)
-    _run("seed 1", "seed1", ("mbib", "bsce", "bib"), seed=1, lead="seeds"),  # begun on the H200, continued on CPUs
+    _run("seed 1", "seed1", ("mbib", "bsce"), seed=1, lead="seeds"),  # begun on the H200, continued on CPUs
     # BSCE first: half MBIB's time on a CPU, so a session's end more often finds a finished cell
-    _run("seed 2", "investigation/seed2", ("bsce", "mbib", "bib"), seed=2, lead="seeds"),
+    _run("seed 2", "investigation/seed2", ("bsce", "mbib"), seed=2, lead="seeds"),
     _run("beta 2", "investigation/mbib-beta2", ("mbib",), {"loss.beta": "2"}, lead="beta"),
     _run("undetached shallow teachers", "investigation/mbib-undetached", ("mbib",),
          {"loss.detach_shallow": "false"}, lead="teachers"),
+    _run("seed 1: BIB", "investigation/seed1-bib", ("bib",), seed=1, lead="seeds"),
+    _run("seed 2: BIB", "investigation/seed2-bib", ("bib",), seed=2, lead="seeds"),
     _run("beta 1", "investigation/mbib-beta1", ("mbib",), {"loss.beta": "1"}, lead="beta"),
     _run("beta 3", "investigation/mbib-beta3", ("mbib",), {"loss.beta": "3"}, lead="beta"),
     _run("Table 9: m = 0", "investigation/mbib-m0", ("mbib",), {"loss.m": "0"}, lead="table9"),
