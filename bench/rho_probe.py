@@ -9,31 +9,23 @@ import sys
 
 import torch
 
-from mbib.config import TrainConfig, apply_overrides
+from mbib.analysis import test_set_outputs
 from mbib.checkpoint import model_from_checkpoint
-from mbib.data import normalize
-from mbib.train.engine import load_data
+from mbib.config import TrainConfig, apply_overrides
 from mbib.metrics import grouped_representation_ratio
 
 torch.set_num_threads(1)  # beside a training run
-cfg = apply_overrides(TrainConfig(), {"data.dataset": "cifar100-lt", "data.imbalance_factor": 100, "data.data_root": os.environ.get("MBIB_DATA_ROOT", "../shared/data")})
-data = load_data(cfg)
-counts = list(data.class_counts)
+cfg = apply_overrides(TrainConfig(), {"data.dataset": "cifar100-lt", "data.imbalance_factor": 100,
+                                      "data.data_root": os.environ.get("MBIB_DATA_ROOT", "../shared/data")})
 for path in sys.argv[1:]:
+    feats, _, labels, counts, taps = test_set_outputs(path, cfg)
     model, _ = model_from_checkpoint(path)
-    store = {}
-    if model.has_z:
-        model.z_fc[0].register_forward_hook(lambda m, i, o: store.setdefault("z_pre", []).append(o.float()))
-    feats = {}
-    with torch.no_grad():
-        for s in range(0, len(data.y_test), 500):
-            x = normalize(data.x_test[s:s+500], data.mean, data.std)
-            for k, v in model.features(x).items():
-                feats.setdefault(k, []).append(v.float())
-    feats = {k: torch.cat(v) for k, v in feats.items()}
-    if store: feats["z_pre"] = torch.cat(store["z_pre"])
+    if model.has_z and model.neck == "none":  # z's FC reads the raw final tap: its output is z before the ReLU
+        with torch.no_grad():
+            feats["z_pre"] = model.z_fc[0](feats[taps[-1]])
     print(os.path.basename(path))
-    for k, f in feats.items():
-        r = grouped_representation_ratio(f, data.y_test, counts)
-        rn = grouped_representation_ratio(torch.nn.functional.normalize(f, dim=1), data.y_test, counts)
-        print(f"  {k:6s} dim {f.shape[1]:3d} zero-frac {(f == 0).float().mean():.2f}  rho " + " ".join(f"{g} {v['rho']:.2f}" for g, v in r.items()) + "   | L2-normed rho all %.2f" % rn["all"]["rho"])
+    for key, f in feats.items():
+        groups = grouped_representation_ratio(f, labels, counts)
+        normed = grouped_representation_ratio(torch.nn.functional.normalize(f, dim=1), labels, counts)["all"]["rho"]
+        print(f"  {key:6s} dim {f.shape[1]:3d} zero-frac {(f == 0).float().mean():.2f}  rho "
+              + " ".join(f"{g} {r['rho']:.2f}" for g, r in groups.items()) + f"   | L2-normed rho all {normed:.2f}")
