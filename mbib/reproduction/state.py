@@ -118,7 +118,17 @@ def git_commit() -> str | None:
         return None
 
 
+def device_label(cuda_name: str | None, cpu_capability: str, native_bf16: bool) -> str:
+    """The device a cell trained on; a CPU's says whether it trains in bf16 (mbib.train.engine), since a cell
+    continued on another CPU may mix precisions and its report should show it."""
+    if cuda_name:
+        return f"cuda ({cuda_name})"
+    return f"cpu ({cpu_capability}, {'native bf16: trains in bf16' if native_bf16 else 'no native bf16: trains in fp32'})"
+
+
 def machine_info() -> dict[str, Any]:
-    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    from mbib.train.engine import cpu_has_native_bf16  # reproduction sits above train; imported late, as it pulls in the engine
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    device = device_label(cuda, torch.backends.cpu.get_cpu_capability(), cpu_has_native_bf16())
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "device": device}
