@@ -81,13 +81,23 @@ def file_list_data(root: Path) -> FileListData:
     return FileListData("tiny-files", train, test, list(COUNTS), len(COUNTS))
 
 
+def moved_scale(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    """sum |d(x + x^2)| over every weight x a step moved: the checksum's change sums these with signs, so they
+    cancel, and another CPU's rounding of the change is a fraction of this sum, not of the change itself."""
+    with torch.no_grad():
+        return float(sum(((a.double() - b.double()).abs() * (1 + b.double().abs() + a.double().abs())).sum()
+                         for b, a in zip(before, after, strict=True)))
+
+
 def step_record(engine: Engine, batches) -> dict[str, Any]:
-    """The checksum before, then each step's loss terms and the checksum after it."""
+    """The checksum before, then each step's loss terms, the checksum after it and moved_scale."""
     record: dict[str, Any] = {"checksum": engine.param_checksum(), "steps": []}
     for _ in range(STEPS):
+        before = [t.detach().clone() for t in engine.task.state_tensors()]
         _, terms = engine.train_step(next(batches))
         record["steps"].append({"terms": {k: float(v) for k, v in sorted(terms.items())},
-                                "checksum": engine.param_checksum()})
+                                "checksum": engine.param_checksum(),
+                                "moved_scale": moved_scale(before, engine.task.state_tensors())})
     return record
 
 
