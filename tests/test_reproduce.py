@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from mbib.errors import ConfigError
 from mbib.reproduction import grid
 from mbib.reproduction.report import NOTES_START, loss_line
 from mbib.reproduction.state import State, device_label, machine_info
+from mbib.train.engine import cpu_has_native_bf16
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
 METHODS, IFS = ("ce", "bib"), ("10",)  # one IF keeps the suite short; the grid code loops the same way
@@ -200,8 +202,6 @@ def test_the_machine_line_says_which_precision_a_cpu_trains_in():
     assert device_label(None, "AVX2", False) == "cpu (AVX2, no native bf16: trains in fp32)"
     assert device_label(None, "AVX512", True) == "cpu (AVX512, native bf16: trains in bf16)"
     assert device_label("NVIDIA H200", "AVX512", False) == "cuda (NVIDIA H200)"
-    import torch
-    from mbib.train.engine import cpu_has_native_bf16
     if not torch.cuda.is_available():  # this machine's own line agrees with the engine's precision rule
         assert machine_info()["device"] == device_label(None, torch.backends.cpu.get_cpu_capability(),
                                                         cpu_has_native_bf16())
