@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from mbib.checkpoint import save_checkpoint
 from mbib.reproduction import investigation as inv
 from mbib.reproduction.state import State
 
@@ -36,12 +37,29 @@ def test_report_pools_seeds_and_pairs_margins_by_seed(tmp_path):
     assert "| 1.20 ± 0.14 (n=2) |" in report  # rho of z over the two seeds that have it
     # the Table 9 row carries its published splits; its settings are named
     assert "| mbib | logit_adjust=false, m=0 | 0 | 30.0 (n=1) |" in report and "43.5/62.4/44.6/20.1" in report
-    assert "- seed 2 (seeds): bsce in `investigation/seed2/`" in report
-    assert "- seed 2: BIB (seeds): bib in `investigation/seed2-bib/`" in report
+    assert "- seed 2 (seeds): bsce (not begun) in `investigation/seed2/`" in report
+    assert "- seed 2: BIB (seeds): bib (not begun) in `investigation/seed2-bib/`" in report
     # hand-written verdicts survive a rewrite
     path = tmp_path / "investigation-cifar100-lt-200ep.md"
     path.write_text(report.replace(inv.NOTES_START + "\n(none yet)", inv.NOTES_START + "\nseeds: undecided"))
     assert "seeds: undecided" in inv.write_report(tmp_path, inv.RUNS, "cifar100-lt", 200, "x").read_text()
+
+
+def test_still_to_run_says_how_far_each_kept_checkpoint_got(tmp_path):
+    runs = {r.name: r for r in inv.RUNS}
+    beta2, teachers = runs["beta 2"], runs["undetached shallow teachers"]
+    plan = inv.run_plan(beta2, "cifar100-lt", 200)
+    path = inv.carry_path(tmp_path / beta2.folder, plan, inv.grid_cell("mbib", inv.IMBALANCE_FACTOR))
+    path.parent.mkdir(parents=True)
+    save_checkpoint({"model": {}, "model_spec": {}, "epoch": 74, "elapsed_s": 5.5 * 3600}, path)  # 0-based epoch
+    broken = inv.carry_path(tmp_path / teachers.folder, inv.run_plan(teachers, "cifar100-lt", 200),
+                            inv.grid_cell("mbib", inv.IMBALANCE_FACTOR))
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"half a file")
+    lines = inv.pending(tmp_path, [beta2, teachers, runs["seed 2: BIB"]], "cifar100-lt", 200, None)
+    assert lines[0] == "- beta 2 (beta): mbib (epoch 75/200, 5.5 h trained) in `investigation/mbib-beta2/`"
+    assert lines[1].startswith("- undetached shallow teachers (teachers): mbib (checkpoint unreadable (checkpoint ")
+    assert lines[2] == "- seed 2: BIB (seeds): bib (not begun) in `investigation/seed2-bib/`"
 
 
 def test_mean_sd_is_the_sample_spread():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mbib.reproduction.grid import Plan, if_label
+from mbib.reproduction.grid import Plan, carry_path, grid_cell, if_label
 from mbib.reproduction.report import NOTES_END, NOTES_START, PAPER_TABLE1, fmt, md_table, previous_notes
 from mbib.reproduction.state import State
 
@@ -176,15 +176,32 @@ def cell_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+def cell_stand(root: Path, run: Run, plan: Plan, method: str) -> str:
+    """How far an unfinished cell got: its kept checkpoint's epoch and training hours, or "not begun"."""
+    from mbib.checkpoint import load_checkpoint
+    from mbib.errors import MBIBError
+
+    path = carry_path(root / run.folder, plan, grid_cell(method, IMBALANCE_FACTOR))
+    if not path.is_file():
+        return "not begun"
+    try:
+        state = load_checkpoint(path)
+    except MBIBError as exc:  # a report must still be written: say what is wrong with this one cell
+        return f"checkpoint unreadable ({exc})"
+    hours = float(state.get("elapsed_s", 0.0)) / 3600
+    return f"epoch {int(state['epoch']) + 1}/{plan.epochs}, {hours:.1f} h trained"
+
+
 def pending(root: Path, runs: Sequence[Run], dataset: str, epochs: int, extra: dict[str, str] | None) -> list[str]:
-    """Runs with cells still to train, each with where it stands."""
+    """Runs with cells still to train, each with where it stands (a cell's checkpoint continues it)."""
     lines = []
     for run in runs:
         plan = run_plan(run, dataset, epochs, extra)
         state = run_state(root, run, plan)
         todo = [m for m in run.methods if not (state and state.cells.get(cell_key(m)))]
         if todo:
-            lines.append(f"- {run.name} ({run.lead}): {', '.join(todo)} in `{run.folder}/`")
+            stands = ", ".join(f"{m} ({cell_stand(root, run, plan, m)})" for m in todo)
+            lines.append(f"- {run.name} ({run.lead}): {stands} in `{run.folder}/`")
     return lines
 
 
