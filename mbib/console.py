@@ -65,6 +65,16 @@ def fmt(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
+def eta(seconds_so_far: float, epochs_done: int, epochs_left: int) -> str:
+    """Time left at this leg's mean epoch time: '45 s', '12 min', '3.4 h'; '?' before an epoch has run."""
+    if epochs_done <= 0:
+        return "?"
+    left = seconds_so_far / epochs_done * max(0, epochs_left)
+    if left < 90:
+        return f"{left:.0f} s"
+    return f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
+
+
 def shown_lines(source: str, lines: list[str]) -> list[str]:
     """The lines of one worker-log batch that reach the terminal: progress bars and the raylet's messages (out of
     memory, ...) always, the rest only when verbose; known noise never.

@@ -71,3 +71,9 @@ def test_smoke_study_is_named_after_the_data_it_trains_on():
     mnist = DatasetSpec("mnist-lt-if10", {"data.dataset": "mnist-lt"})
     assert smoke_name([digits]) == "digits-lt-mbib-smoke"
     assert smoke_name([mnist, digits]) == "mnist-lt+digits-lt-mbib-smoke"
+
+
+def test_eta_is_the_legs_mean_epoch_time_times_the_epochs_left():
+    assert console.eta(300.0, 2, 3) == "8 min"  # 150 s x 3 = 450 s
+    assert console.eta(60.0, 3, 4) == "80 s" and console.eta(100.0, 1, 0) == "0 s"
+    assert console.eta(150.0, 1, 190) == "7.9 h" and console.eta(0.0, 0, 10) == "?"

@@ -28,6 +28,7 @@ def test_continued_run_equals_uninterrupted(tmp_path):
     lines = []
     again = run_plain(tiny(**{"runtime.inject_failure_epoch": 1}), tmp_path / "cut.pt", log=lines.append)
     assert lines[0].startswith("continuing from") and "epoch 2" in lines[0] and len(lines) == 2
+    assert re.fullmatch(r"epoch 3/3 loss .* img/s, \d+ s, 0 s left", lines[1])  # the last epoch leaves nothing
     assert json.loads(again.metrics["checkpoint_report"])["epoch"] == 1  # the first report after the restore
     assert again.metrics["epoch"] == 2 and again.metrics["param_checksum"] == pytest.approx(
         whole.metrics["param_checksum"], rel=1e-9)

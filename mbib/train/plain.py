@@ -17,6 +17,7 @@ import torch
 
 from mbib.checkpoint import load_checkpoint, save_checkpoint
 from mbib.config import TrainConfig
+from mbib.console import eta
 from mbib.data.datasets import pinned_data_root
 from mbib.train.engine import Engine, load_data
 from mbib.train.fit import fit, restore
@@ -43,7 +44,7 @@ def run_plain(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | N
     if start:
         log(f"continuing from {start} at epoch {progress.start_epoch}")
     last: dict[str, Any] = {}
-    clock = {"t": time.perf_counter()}
+    clock = {"t": time.perf_counter(), "leg": time.perf_counter(), "epochs": 0}
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         last.clear()
@@ -52,11 +53,12 @@ def run_plain(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | N
             save_checkpoint(state, checkpoint)
 
     def line(m: dict[str, Any]) -> None:
-        now, seconds = time.perf_counter(), time.perf_counter() - clock["t"]
-        clock["t"] = now
+        now = time.perf_counter()
+        seconds, clock["t"], clock["epochs"] = now - clock["t"], now, clock["epochs"] + 1
+        left = eta(now - clock["leg"], clock["epochs"], cfg.optim.epochs - m["epoch"] - 1)
         acc = f" acc {m['acc']:.1f} (many {m['many']:.1f} medium {m['medium']:.1f} few {m['few']:.1f})" if "acc" in m else ""
         log(f"epoch {m['epoch'] + 1}/{cfg.optim.epochs} loss {m.get('train_total', float('nan')):.3f}{acc} "
-            f"{m['images_per_s']:.0f} img/s, {seconds:.0f} s")
+            f"{m['images_per_s']:.0f} img/s, {seconds:.0f} s, {left} left")
 
     fit(engine, progress, report, inject_fault=start is None, on_epoch=line)
     final = load_checkpoint(checkpoint) if not last else {"metrics": last, "best_metrics": progress.best_metrics}
