@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mbib.errors import ConfigError
 from mbib.reproduction import grid
-from mbib.reproduction.report import NOTES_START, loss_line
+from mbib.reproduction.report import NOTES_START, loss_line, write_report
 from mbib.reproduction.state import State, device_label, machine_info
 from mbib.train.engine import cpu_has_native_bf16
 
@@ -126,6 +126,13 @@ def test_report_names_each_methods_loss_settings():
     assert line.endswith("; ce none")
     plan = grid.Plan("cifar100-lt", 200, 0, ("bsce", "mbib"), (100.0,), {"loss.m": "0.2"})
     assert loss_line(plan, grid.base_config(plan)).count("m 0.2") == 2
+
+
+def test_report_lists_the_settings_that_decide_the_numbers_not_how_a_machine_ran_them(tmp_path):
+    plan = grid.Plan("cifar100-lt", 200, 0, ("mbib",), (100.0,),
+                     {"loss.beta": "2", "runtime.cpus_per_worker": "1", "runtime.show_progress": "false"})
+    path = write_report(plan, State(tmp_path / "s.json", plan.settings()), tmp_path / "r.md")
+    assert "- Extra settings (`--set`): `loss.beta=2`. GML rows" in path.read_text()
 
 
 def _cell_legs(tmp_path, runner: str, interrupt: bool, doctor=None):

@@ -207,7 +207,8 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
                      f"{', '.join(map(str, o.milestones))}, "
                      f"LDAM-DRW re-weighting from epoch {base.loss.drw_epoch} "
                      "(all scaled from the paper's 200-epoch schedule)")
-    overrides = ", ".join(f"`{k}={v}`" for k, v in sorted(plan.overrides.items())) or "none"
+    # the settings that decide the numbers: not how a machine ran them (threads, progress bars, test hooks)
+    overrides = ", ".join(f"`{k}={v}`" for k, v in plan.settings()["overrides"].items()) or "none"
     recs = [state.cells[c.key] for c in plan_cells(plan) if c.key in state.cells]
     paper_note = ("Paper = Table 1 (CIFAR-100-LT, 200 epochs), which publishes overall accuracy only; for GML the "
                   "number is GML's own publication." if plan.dataset in PAPER_DATASETS else
