@@ -10,5 +10,5 @@ cd "$(dirname "$0")/.."
 [ "$(cd "$src" && pwd)" != "$(pwd)" ] || { echo "$src is this checkout: give the worktree that trains the cells" >&2; exit 2; }
 (cd "$src/bench/results" && find investigation -type f \( -name '*.md' -o -name '*.state.json' -o -name '*.pt' \)) |
   while read -r f; do mkdir -p "bench/results/$(dirname "$f")"; cp -p "$src/bench/results/$f" "bench/results/$f"; done
-python bench/investigation.py --report-only | tail -1
+PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" python bench/investigation.py --report-only | tail -1  # this checkout's mbib
 sed -n '/^## Still to run/,/^## Verdicts/p' bench/results/investigation-cifar100-lt-200ep.md | sed '$d'
