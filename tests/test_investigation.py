@@ -29,7 +29,8 @@ def test_report_pools_seeds_and_pairs_margins_by_seed(tmp_path):
     runs = {r.name: r for r in inv.RUNS}
     write_state(tmp_path, runs["seed 0"], {"mbib": fake_cell(41.0, 1.3), "bsce": fake_cell(40.0, 1.4)})
     write_state(tmp_path, runs["seed 1"], {"mbib": fake_cell(43.0, 1.1), "bsce": fake_cell(40.0, 1.4)})
-    write_state(tmp_path, runs["seed 2"], {"mbib": fake_cell(45.0)})  # no BSCE yet: no pair for seed 2
+    legs = [{"first": 1, "last": 105, "device": "cpu (AVX512), bf16"}, {"first": 106, "last": 200, "device": "cpu (AVX2), fp32"}]
+    write_state(tmp_path, runs["seed 2"], {"mbib": {**fake_cell(45.0), "legs": legs}})  # no BSCE yet: no pair for seed 2
     write_state(tmp_path, runs["Table 9: neither"], {"mbib": fake_cell(30.0)})
     report = inv.write_report(tmp_path, inv.RUNS, "cifar100-lt", 200, "python bench/investigation.py").read_text()
     assert "MBIB − BSCE: seed 0: +1.0, seed 1: +3.0; mean 2.0 ± 1.4 (n=2) (paper +4.8)" in report
@@ -37,6 +38,8 @@ def test_report_pools_seeds_and_pairs_margins_by_seed(tmp_path):
     assert "| 1.20 ± 0.14 (n=2) |" in report  # rho of z over the two seeds that have it
     # the Table 9 row carries its published splits; its settings are named
     assert "| mbib | logit_adjust=false, m=0 | 0 | 30.0 (n=1) |" in report and "43.5/62.4/44.6/20.1" in report
+    assert "| 200/200 | 1-105 cpu (AVX512), bf16; 106-200 cpu (AVX2), fp32 |" in report  # where each epoch ran
+    assert "| 200/200 | not recorded |" in report  # a record from before legs were kept
     assert "- seed 2 (seeds): bsce (not begun) in `investigation/seed2/`" in report
     assert "- seed 2: BIB (seeds): bib (not begun) in `investigation/seed2-bib/`" in report
     # hand-written verdicts survive a rewrite
@@ -51,13 +54,15 @@ def test_still_to_run_says_how_far_each_kept_checkpoint_got(tmp_path):
     plan = inv.run_plan(beta2, "cifar100-lt", 200)
     path = inv.carry_path(tmp_path / beta2.folder, plan, inv.grid_cell("mbib", inv.IMBALANCE_FACTOR))
     path.parent.mkdir(parents=True)
-    save_checkpoint({"model": {}, "model_spec": {}, "epoch": 74, "elapsed_s": 5.5 * 3600}, path)  # 0-based epoch
+    legs = [{"first": 1, "last": 10, "device": "cpu (AVX512), bf16"}, {"first": 11, "last": 75, "device": "cpu (AVX2), fp32"}]
+    save_checkpoint({"model": {}, "model_spec": {}, "epoch": 74, "elapsed_s": 5.5 * 3600, "legs": legs}, path)
     broken = inv.carry_path(tmp_path / teachers.folder, inv.run_plan(teachers, "cifar100-lt", 200),
                             inv.grid_cell("mbib", inv.IMBALANCE_FACTOR))
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"half a file")
     lines = inv.pending(tmp_path, [beta2, teachers, runs["seed 2: BIB"]], "cifar100-lt", 200, None)
-    assert lines[0] == "- beta 2 (beta): mbib (epoch 75/200, 5.5 h trained) in `investigation/mbib-beta2/`"
+    assert lines[0] == ("- beta 2 (beta): mbib (epoch 75/200, 5.5 h trained: 1-10 cpu (AVX512), bf16; 11-75 cpu "
+                        "(AVX2), fp32) in `investigation/mbib-beta2/`")
     assert lines[1].startswith("- undetached shallow teachers (teachers): mbib (checkpoint unreadable (checkpoint ")
     assert lines[2] == "- seed 2: BIB (seeds): bib (not begun) in `investigation/seed2-bib/`"
 

@@ -5,12 +5,15 @@ import json
 import re
 
 import pytest
+import torch
 
+from mbib.checkpoint import load_checkpoint, save_checkpoint
 from mbib.reproduction import run
 from mbib.reproduction.state import State, cell_claim
 from mbib.reproduction.cli import main as reproduce_main
 from mbib.config import TrainConfig, apply_overrides
-from mbib.train.fit import InjectedFault
+from mbib.train.engine import device_options, precision_label
+from mbib.train.fit import InjectedFault, add_leg
 from mbib.train.plain import run_plain
 
 
@@ -35,6 +38,27 @@ def test_continued_run_equals_uninterrupted(tmp_path):
     assert again.metrics["acc"] == whole.metrics["acc"] and again.best_metrics["acc"] == whole.best_metrics["acc"]
     done = run_plain(tiny(), tmp_path / "cut.pt", log=lambda _: None)  # finished: nothing left to train
     assert done.metrics["param_checksum"] == again.metrics["param_checksum"]
+    assert load_checkpoint(tmp_path / "cut.pt")["legs"] == load_checkpoint(tmp_path / "whole.pt")["legs"] == [
+        {"first": 1, "last": 3, "device": precision_label(device_options(torch.device("cpu"), True, True))}]
+
+
+def test_legs_say_which_epochs_ran_where():
+    cpu, gpu = "cpu (AVX2), fp32", "cuda (NVIDIA H200), bf16"
+    legs = add_leg([], 1, 5, gpu)
+    assert add_leg(legs, 6, 9, gpu) == [{"first": 1, "last": 9, "device": gpu}]  # resumed on the same machine
+    assert add_leg(legs, 6, 9, cpu) == [{"first": 1, "last": 5, "device": gpu}, {"first": 6, "last": 9, "device": cpu}]
+    assert add_leg(legs, 8, 9, gpu)[-1] == {"first": 8, "last": 9, "device": gpu}  # a gap is not hidden
+
+
+def test_a_checkpoint_from_before_legs_says_its_epochs_are_not_recorded(tmp_path):
+    run_plain(tiny(**{"optim.epochs": 2}), tmp_path / "old.pt", log=lambda _: None)
+    state = load_checkpoint(tmp_path / "old.pt")
+    del state["legs"]
+    save_checkpoint(state, tmp_path / "old.pt")
+    run_plain(tiny(), tmp_path / "old.pt", log=lambda _: None)  # epoch 3 of 3 here
+    here = precision_label(device_options(torch.device("cpu"), True, True))
+    assert load_checkpoint(tmp_path / "old.pt")["legs"] == [{"first": 1, "last": 2, "device": "not recorded"},
+                                                             {"first": 3, "last": 3, "device": here}]
 
 
 def test_plain_grid_writes_report_state_and_analyses(tmp_path, capsys, monkeypatch):

@@ -14,7 +14,7 @@ from mbib.errors import ConfigError
 from mbib.reproduction import grid
 from mbib.reproduction.report import NOTES_START, loss_line, write_report
 from mbib.reproduction.state import State, device_label, machine_info
-from mbib.train.engine import cpu_has_native_bf16
+from mbib.train.engine import cpu_has_native_bf16, device_options, precision_label
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "reproduce.py"
 METHODS, IFS = ("ce", "bib"), ("10",)  # one IF keeps the suite short; the grid code loops the same way
@@ -169,14 +169,24 @@ def uninterrupted(tmp_path_factory):
     return _cell_legs(tmp_path_factory.mktemp("whole"), "plain", interrupt=False)
 
 
-def best_in_first_leg(carry):
-    """An earlier leg's best that the second leg cannot beat: a runner that keeps only its own leg's best loses it."""
+ELSEWHERE = [{"first": 1, "last": 2, "device": "cuda (NVIDIA H200), bf16"}]
+
+
+def first_leg_elsewhere(carry):
+    """An earlier leg's best that the second leg cannot beat (a runner that keeps only its own leg's best loses
+    it), trained on another machine (the record must say which epochs ran where)."""
     from mbib.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(carry)
     state["best_metrics"] = {**state["best_metrics"], "acc": 99.5, "epoch": 0}
     state["best_acc"] = 99.5
+    state["legs"] = ELSEWHERE
     save_checkpoint(state, carry)
+
+
+def here() -> str:
+    """This machine's device and precision as the engine trains by default."""
+    return precision_label(device_options(torch.device("cpu"), amp=True, channels_last=True))
 
 
 @pytest.mark.slow
@@ -188,8 +198,11 @@ def test_a_plain_cell_interrupted_once_equals_an_uninterrupted_one(uninterrupted
     for key in ("final", "best", "best_epoch", "epochs"):  # as JSON: a shot group without classes is NaN in both
         assert json.dumps(cut[key]) == json.dumps(whole[key]), key
     assert all(torch.equal(cut_weights[k], whole_weights[k]) for k in whole_weights)
-    doctored, _ = _cell_legs(tmp_path / "doctored", "plain", interrupt=True, doctor=best_in_first_leg)
+    # one machine's two legs are one: epochs 1-3 here
+    assert cut["legs"] == whole["legs"] == [{"first": 1, "last": 3, "device": here()}]
+    doctored, _ = _cell_legs(tmp_path / "doctored", "plain", interrupt=True, doctor=first_leg_elsewhere)
     assert doctored["best"]["overall"] == 99.5 and doctored["best_epoch"] == 1
+    assert doctored["legs"] == [*ELSEWHERE, {"first": 3, "last": 3, "device": here()}]
 
 
 @pytest.mark.slow
@@ -199,10 +212,11 @@ def test_a_ray_cell_continued_elsewhere_keeps_the_best_of_every_leg(uninterrupte
     import torch
 
     whole, whole_weights = uninterrupted
-    cut, cut_weights = _cell_legs(tmp_path, "ray", interrupt=True, doctor=best_in_first_leg)
+    cut, cut_weights = _cell_legs(tmp_path, "ray", interrupt=True, doctor=first_leg_elsewhere)
     assert json.dumps(cut["final"]) == json.dumps(whole["final"]) and cut["epochs"] == whole["epochs"]
     assert all(torch.equal(cut_weights[k], whole_weights[k]) for k in whole_weights)
     assert cut["best"]["overall"] == 99.5 and cut["best_epoch"] == 1
+    assert cut["legs"] == [*ELSEWHERE, {"first": 3, "last": 3, "device": here()}]
 
 
 def test_the_machine_line_says_which_precision_a_cpu_trains_in():

@@ -164,6 +164,11 @@ def margin_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def legs_text(legs: Sequence[dict[str, Any]] | None) -> str:
+    """Which epochs trained where: "1-105 cpu (AVX512), bf16; 106-200 cpu (AVX2), fp32"."""
+    return "; ".join(f"{leg['first']}-{leg['last']} {leg['device']}" for leg in legs) if legs else "not recorded"
+
+
 def cell_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     out = []
     for row in rows:
@@ -172,7 +177,7 @@ def cell_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
         out.append([row["run"].name, row["method"], str(row["seed"]),
                     *(fmt(r["final"].get(k)) for k in ("overall", "many", "medium", "few")), heads,
                     fmt(_many_share(r)), fmt(_rho(r, "v"), 2), fmt(_rho(r, "z"), 2), fmt(_posterior(r), 3),
-                    f"{r.get('best_epoch', '?')}/{r.get('epochs', '?')}"])
+                    f"{r.get('best_epoch', '?')}/{r.get('epochs', '?')}", legs_text(r.get("legs"))])
     return out
 
 
@@ -189,7 +194,7 @@ def cell_stand(root: Path, run: Run, plan: Plan, method: str) -> str:
     except MBIBError as exc:  # a report must still be written: say what is wrong with this one cell
         return f"checkpoint unreadable ({exc})"
     hours = float(state.get("elapsed_s", 0.0)) / 3600
-    return f"epoch {int(state['epoch']) + 1}/{plan.epochs}, {hours:.1f} h trained"
+    return f"epoch {int(state['epoch']) + 1}/{plan.epochs}, {hours:.1f} h trained: {legs_text(state.get('legs'))}"
 
 
 def pending(root: Path, runs: Sequence[Run], dataset: str, epochs: int, extra: dict[str, str] | None) -> list[str]:
@@ -230,7 +235,8 @@ def write_report(root: Path, runs: Sequence[Run], dataset: str, epochs: int, com
              "rho of MBIB's z is 0.86 (lower is better), Appendix D has MBIB's posterior above BIB's.", "",
              "## Every cell", "",
              *md_table(["run", "method", "seed", "overall", "many", "medium", "few", "heads v1/v2/v3/z/f+g",
-                      "many-shot share %", "rho v", "rho z", "posterior", "best epoch"], cell_rows(rows)), "",
+                      "many-shot share %", "rho v", "rho z", "posterior", "best epoch", "epochs trained on"],
+                     cell_rows(rows)), "",
              "## Still to run", "", *(pending(root, runs, dataset, epochs, extra) or ["Nothing: every run finished."]),
              "", "## Verdicts", "", NOTES_START, previous_notes(path) or "(none yet)", NOTES_END, ""]
     path.write_text("\n".join(lines))

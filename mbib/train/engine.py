@@ -72,6 +72,18 @@ def device_options(device: torch.device, amp: bool, channels_last: bool, bf16_ok
     return DeviceOptions(device, torch.bfloat16 if amp and bf16_ok else None, False, channels_last)
 
 
+def precision_label(opts: DeviceOptions) -> str:
+    """The device a run trains on and in which precision, for its record: "cpu (AVX2), fp32",
+    "cuda (NVIDIA H200), bf16". A run continued elsewhere may change both (see fit's legs)."""
+    if opts.device.type == "cuda":
+        where = f"cuda ({torch.cuda.get_device_name(opts.device)})"
+    elif opts.device.type == "cpu":
+        where = f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    else:
+        where = opts.device.type
+    return f"{where}, {'fp32' if opts.amp_dtype is None else str(opts.amp_dtype).removeprefix('torch.')}"
+
+
 COMPILE_MIN_STEPS = 5000  # at the 7-10% torch.compile saved per step here (bench/train_throughput.py): minutes for seconds
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from mbib.checkpoint import check_compatible, describe, load_weights
 from mbib.data.split import SELECT_METRIC
-from mbib.train.engine import Engine
+from mbib.train.engine import Engine, precision_label
 
 # report(metrics, checkpoint state or None): an evaluated epoch comes with the state to checkpoint
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
@@ -37,6 +37,15 @@ class Progress:
     elapsed: float = 0.0
     best_metrics: dict[str, Any] = field(default_factory=dict)  # the report of the best evaluation
     restored_report: dict[str, Any] = field(default_factory=dict)  # the checkpoint epoch's report (restored runs)
+    legs: list[dict[str, Any]] = field(default_factory=list)  # the epochs each earlier leg trained, and on what
+
+
+def add_leg(legs: list[dict[str, Any]], first: int, last: int, device: str) -> list[dict[str, Any]]:
+    """The legs with epochs first..last (1-based) on `device` added; a leg continuing the previous one on the same
+    device and precision extends it, so a run resumed on its own machine stays one leg."""
+    if legs and legs[-1]["device"] == device and legs[-1]["last"] + 1 == first:
+        return [*legs[:-1], {**legs[-1], "last": last}]
+    return [*legs, {"first": first, "last": last, "device": device}]
 
 
 def restore(engine: Engine, state: dict[str, Any] | None, where: str | None = None) -> Progress:
@@ -48,9 +57,12 @@ def restore(engine: Engine, state: dict[str, Any] | None, where: str | None = No
     dataset = engine.cfg.data.dataset
     check_compatible(state, engine.spec, dataset, where)
     load_weights(engine, state, state, f"a {engine.cfg.loss.method} run of {describe(engine.spec, dataset)}", where)
-    return Progress(int(state["epoch"]) + 1, float(state.get("best_acc", -1.0)), float(state.get("elapsed_s", 0.0)),
+    start = int(state["epoch"]) + 1
+    # checkpoints older than the legs record say nothing of where their epochs ran
+    legs = state.get("legs") or [{"first": 1, "last": start, "device": "not recorded"}]
+    return Progress(start, float(state.get("best_acc", -1.0)), float(state.get("elapsed_s", 0.0)),
                     dict(state.get("best_metrics", {})),
-                    {k: v for k, v in state.get("metrics", {}).items() if k != CHECKPOINT_REPORT})
+                    {k: v for k, v in state.get("metrics", {}).items() if k != CHECKPOINT_REPORT}, list(legs))
 
 
 def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool = False,
@@ -59,6 +71,7 @@ def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool =
     report (the test hook of the fault-tolerance tests)."""
     cfg = engine.cfg
     epochs, since = cfg.optim.epochs, time.perf_counter()
+    device = precision_label(engine.opts)
     noted = False  # inject_hang: whether this process has passed its first checkpoint
     for epoch in range(progress.start_epoch, epochs):
         # started_at_epoch: where this process began (0: from scratch), so a record shows a run continued, not redone
@@ -76,7 +89,8 @@ def fit(engine: Engine, progress: Progress, report: Report, inject_fault: bool =
             metrics["best_acc"] = progress.best  # the best selection score so far
             state = {**engine.state_dict(), "epoch": epoch, "best_acc": progress.best, "metrics": metrics,
                      "best_metrics": progress.best_metrics, "confusion": result.confusion,
-                     "elapsed_s": metrics["elapsed_s"]}
+                     "elapsed_s": metrics["elapsed_s"],
+                     "legs": add_leg(progress.legs, progress.start_epoch + 1, epoch + 1, device)}
         report(metrics, state)
         if on_epoch is not None:
             on_epoch(metrics)
