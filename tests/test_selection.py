@@ -9,6 +9,7 @@ import torch
 
 from mbib.data.split import selection_mask
 from mbib.study.results import TrialRow, best_row, collect_rows
+from mbib.train.engine import device_options
 
 PARAMS = {"beta": 5.0, "a": 0.1, "b": 0.3, "m": 0.1, "gamma": 0.0}
 
@@ -66,6 +67,7 @@ class _StubEngine:
     def __init__(self, cfg, evals):
         self.cfg, self.evals = cfg, iter(evals)
         self.optimizer = SimpleNamespace(param_groups=[{"lr": 0.1}])
+        self.opts = device_options(torch.device("cpu"), amp=False, channels_last=False)  # its legs' device
 
     def run_epoch(self, epoch):
         return {}
