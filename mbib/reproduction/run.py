@@ -33,24 +33,28 @@ def train_cell(plan: Plan, base: TrainConfig, cell: Cell, tracking_uri: str | No
             cfg.runtime.resume_from = str(carry)
         ray_out = run_training(cfg, track=tracking_uri is not None, tracking_uri=tracking_uri,
                                parent_run_id=parent_run_id, callbacks=[CopyLatestCheckpoint(carry)])
-        final, best = ray_out.metrics, carried(carry, "best_metrics") or ray_out.best_metrics or ray_out.metrics
+        final, best = ray_out.metrics, ray_out.best_metrics or ray_out.metrics
         extra = {"runner": "ray", "mlflow_run_id": ray_out.mlflow_run_id, "run_name": cfg.run_name}
+    kept = carried(carry)  # the latest checkpoint, read once
+    if plan.runner != "plain":  # Ray's own best checkpoints cover only the leg that just ran
+        best = kept.get("best_metrics") or best
     return {"method": cell.method, "imbalance_factor": cell.imbalance_factor, "overrides": dict(cell.overrides),
             "final": shots_of(final), "best": shots_of(best), "best_epoch": int(best.get("epoch", -1)) + 1,
             "epochs": cfg.optim.epochs, "seed": cfg.runtime.seed, "commit": git_commit(),
             # training time over every machine the cell ran on (carried in its checkpoints), else this leg's
             "wall_s": final.get("elapsed_s", time.perf_counter() - start), "final_checkpoint": str(carry),
             "final_heads": {k: v for k, v in final.items() if k.startswith("acc_")},
-            "legs": carried(carry, "legs") or [],  # which epochs trained where, in which precision
+            "legs": kept.get("legs") or [],  # which epochs trained where, in which precision
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
 
 
-def carried(carry: Path, key: str) -> Any:
-    """What the cell's latest checkpoint carries over every leg (fit's Progress): "best_metrics" (Ray's own best
-    checkpoints cover only the leg that just ran, so a continued cell would lose an earlier leg's best), "legs"."""
+def carried(carry: Path) -> dict[str, Any]:
+    """The cell's latest checkpoint, which carries over every leg (fit's Progress) its best evaluation (Ray's own
+    best checkpoints cover only the leg that just ran, so a continued cell would lose an earlier leg's best) and
+    its legs; empty before it has one."""
     from mbib.checkpoint import load_checkpoint
 
-    return load_checkpoint(carry).get(key) if carry.is_file() else None
+    return load_checkpoint(carry) if carry.is_file() else {}
 
 
 def parent_run(state: State, plan: Plan, tracking_uri: str) -> str:

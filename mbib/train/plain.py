@@ -44,7 +44,7 @@ def run_plain(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | N
     if start:
         log(f"continuing from {start} at epoch {progress.start_epoch}")
     last: dict[str, Any] = {}
-    clock = {"t": time.perf_counter(), "leg": time.perf_counter(), "epochs": 0}
+    clock = {"t": time.perf_counter(), "leg": time.perf_counter()}
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         last.clear()
@@ -54,8 +54,8 @@ def run_plain(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | N
 
     def line(m: dict[str, Any]) -> None:
         now = time.perf_counter()
-        seconds, clock["t"], clock["epochs"] = now - clock["t"], now, clock["epochs"] + 1
-        left = eta(now - clock["leg"], clock["epochs"], cfg.optim.epochs - m["epoch"] - 1)
+        seconds, clock["t"] = now - clock["t"], now
+        left = eta(now - clock["leg"], m["epoch"] + 1 - progress.start_epoch, cfg.optim.epochs - m["epoch"] - 1)
         acc = f" acc {m['acc']:.1f} (many {m['many']:.1f} medium {m['medium']:.1f} few {m['few']:.1f})" if "acc" in m else ""
         log(f"epoch {m['epoch'] + 1}/{cfg.optim.epochs} loss {m.get('train_total', float('nan')):.3f}{acc} "
             f"{m['images_per_s']:.0f} img/s, {seconds:.0f} s, {left} left")
