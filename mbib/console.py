@@ -75,6 +75,14 @@ def eta(seconds_so_far: float, epochs_done: int, epochs_left: int) -> str:
     return f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
 
 
+def leg_eta(start: float, first_end: float, now: float, epochs_done: int, epochs_left: int) -> str:
+    """Time left in a leg: its first epoch pays one-off costs (warm-up, a neighbour lane's start; 5x a steady epoch
+    seen on a CPU), so the pace comes from the epochs after it once there are any."""
+    if epochs_done >= 2:
+        return eta(now - first_end, epochs_done - 1, epochs_left)
+    return eta(now - start, epochs_done, epochs_left)
+
+
 def shown_lines(source: str, lines: list[str]) -> list[str]:
     """The lines of one worker-log batch that reach the terminal: progress bars and the raylet's messages (out of
     memory, ...) always, the rest only when verbose; known noise never.

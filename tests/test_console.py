@@ -77,3 +77,9 @@ def test_eta_is_the_legs_mean_epoch_time_times_the_epochs_left():
     assert console.eta(300.0, 2, 3) == "8 min"  # 150 s x 3 = 450 s
     assert console.eta(60.0, 3, 4) == "80 s" and console.eta(100.0, 1, 0) == "0 s"
     assert console.eta(150.0, 1, 190) == "7.9 h" and console.eta(0.0, 0, 10) == "?"
+
+
+def test_a_legs_time_left_leaves_out_its_slow_first_epoch():
+    # first epoch 160 s (warm-up), then three of 30 s: 146 left x 30 s = 73 min, not 146 x 62.5 s = 2.5 h
+    assert console.leg_eta(0.0, 160.0, 250.0, 4, 146) == "73 min"
+    assert console.leg_eta(0.0, 160.0, 160.0, 1, 146) == "6.5 h"  # one epoch so far: all there is to go by

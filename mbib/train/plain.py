@@ -17,7 +17,7 @@ import torch
 
 from mbib.checkpoint import load_checkpoint, save_checkpoint
 from mbib.config import TrainConfig
-from mbib.console import eta
+from mbib.console import leg_eta
 from mbib.data.datasets import pinned_data_root
 from mbib.train.engine import Engine, load_data
 from mbib.train.fit import fit, restore
@@ -44,7 +44,7 @@ def run_plain(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | N
     if start:
         log(f"continuing from {start} at epoch {progress.start_epoch}")
     last: dict[str, Any] = {}
-    clock = {"t": time.perf_counter(), "leg": time.perf_counter()}
+    clock = {"t": time.perf_counter(), "leg": time.perf_counter(), "first": 0.0}
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         last.clear()
@@ -55,7 +55,9 @@ def run_plain(cfg: TrainConfig, checkpoint: str | Path, device: torch.device | N
     def line(m: dict[str, Any]) -> None:
         now = time.perf_counter()
         seconds, clock["t"] = now - clock["t"], now
-        left = eta(now - clock["leg"], m["epoch"] + 1 - progress.start_epoch, cfg.optim.epochs - m["epoch"] - 1)
+        done = m["epoch"] + 1 - progress.start_epoch
+        clock["first"] = now if done == 1 else clock["first"]
+        left = leg_eta(clock["leg"], clock["first"], now, done, cfg.optim.epochs - m["epoch"] - 1)
         acc = f" acc {m['acc']:.1f} (many {m['many']:.1f} medium {m['medium']:.1f} few {m['few']:.1f})" if "acc" in m else ""
         log(f"epoch {m['epoch'] + 1}/{cfg.optim.epochs} loss {m.get('train_total', float('nan')):.3f}{acc} "
             f"{m['images_per_s']:.0f} img/s, {seconds:.0f} s, {left} left")
