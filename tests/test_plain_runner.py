@@ -79,6 +79,8 @@ def test_plain_grid_writes_report_state_and_analyses(tmp_path, capsys, monkeypat
     assert mbib["analysis"]["heads"]["f+g"]["acc"] == pytest.approx(mbib["final"]["overall"], abs=2.51)
     report = (out / "reproduction-digits-lt-1ep.md").read_text()
     assert "| bsce | 10 |" in report and "grid/mbib/IF10" in report and "Still to run" not in report
+    here = precision_label(device_options(torch.device("cpu"), True, True))
+    assert f"- `grid/mbib/IF10`: 1-1 {here}\n" in report and f"- `grid/bsce/IF10`: 1-1 {here}\n" in report
     assert seen[0] == "" and "| bsce | 10 | not run yet" not in seen[1] and "| mbib | 10 | not run yet" in seen[1]
 
     # --report-only: a cell still running (its kept checkpoint, here a copy of mbib's) shows its last evaluation

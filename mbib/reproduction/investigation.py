@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mbib.reproduction.grid import Plan, carry_path, grid_cell, if_label
-from mbib.reproduction.report import NOTES_END, NOTES_START, PAPER_TABLE1, fmt, md_table, previous_notes
+from mbib.reproduction.report import (NOTES_END, NOTES_START, PAPER_TABLE1, fmt, legs_text, md_table,
+                                     previous_notes)
 from mbib.reproduction.state import State
 
 IMBALANCE_FACTOR = 100.0
@@ -162,11 +163,6 @@ def margin_lines(rows: list[dict[str, Any]]) -> list[str]:
         per_seed = ", ".join(f"seed {s}: {d:+.1f}" for s, d in zip(seeds, diffs)) or "no seed has both cells yet"
         lines.append(f"- MBIB − {other.upper()}: {per_seed}; mean {mean_sd(diffs)} (paper {paper:+.1f}).")
     return lines
-
-
-def legs_text(legs: Sequence[dict[str, Any]] | None) -> str:
-    """Which epochs trained where: "1-105 cpu (AVX512), bf16; 106-200 cpu (AVX2), fp32"."""
-    return "; ".join(f"{leg['first']}-{leg['last']} {leg['device']}" for leg in legs) if legs else "not recorded"
 
 
 def cell_rows(rows: list[dict[str, Any]]) -> list[list[str]]:

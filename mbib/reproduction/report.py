@@ -87,6 +87,17 @@ def grid_rows(plan: Plan, state: State) -> list[list[str]]:
     return rows
 
 
+def legs_text(legs: Sequence[dict[str, Any]] | None) -> str:
+    """Which epochs trained where: "1-105 cpu (AVX512), bf16; 106-200 cpu (AVX2), fp32"."""
+    return "; ".join(f"{leg['first']}-{leg['last']} {leg['device']}" for leg in legs) if legs else "not recorded"
+
+
+def legs_lines(plan: Plan, state: State) -> list[str]:
+    """Each finished cell's legs: a grid continued on other machines mixes devices and precisions per cell."""
+    return [f"- `{c.key}`: {legs_text(state.cells[c.key].get('legs'))}" for c in plan_cells(plan)
+            if c.key in state.cells]
+
+
 def fmt_paper(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
@@ -232,6 +243,10 @@ def write_report(plan: Plan, state: State, path: Path) -> Path:
              "during training (selected on the test set, so optimistic).", "",
              *md_table(["Method", "IF", "Overall", "Many", "Medium", "Few", "Paper", "Δ", "Best (epoch)",
                       "Seed (commit)", "Wall (s)"], grid_rows(plan, state)), ""]
+    if recs:
+        lines += ["## Where each cell trained", "", "Epochs, device and precision of each leg, from the cell's "
+                  "checkpoints (\"not recorded\": trained before checkpoints kept this).", "",
+                  *legs_lines(plan, state), ""]
     order = ordering_lines(plan, state)
     if order:
         lines += ["## The paper's ordering", "", *order, ""]
