@@ -10,12 +10,18 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 END_TO_END = {"ray_local", "exported"}  # a test using one of these is end to end: marked slow wherever it is
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes share the cores: one thread each, no oversubscription
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if END_TO_END & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow"):  # one worker runs every end-to-end test in turn: one Ray at a time,
+            item.add_marker(pytest.mark.xdist_group("end-to-end"))  # while the other worker takes the unit tests
 
 
 @pytest.fixture(scope="session")
