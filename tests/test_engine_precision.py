@@ -72,7 +72,9 @@ def test_channels_last_step_matches_nchw(monkeypatch):
     got = two_steps(monkeypatch, amp=False, channels_last=True)
     assert not ref[4].channels_last and got[4].channels_last and got[4].amp_dtype is None
     assert all(torch.equal(ref[1][n], got[1][n]) for n in ref[1])  # same seed, same initial weights
-    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert got[0][0] == pytest.approx(ref[0][0], rel=1e-5)  # same weights: only the sums' order differs
+    # after one update the weights differ by its rounding too: 1.9e-5 measured on one thread (oneDNN's kernels differ)
+    assert got[0][1] == pytest.approx(ref[0][1], rel=1e-4)
     assert_each_tensor_close(ref, got, rel=FP32_REL)  # fp32 sums in another order
 
 
