@@ -88,7 +88,7 @@ def grid_rows(plan: Plan, state: State) -> list[list[str]]:
 
 
 def legs_text(legs: Sequence[dict[str, Any]] | None) -> str:
-    """Which epochs trained where: "1-105 cpu (AVX512), bf16; 106-200 cpu (AVX2), fp32"."""
+    """Which epochs trained where: "1-105 cpu (AVX512), bfloat16; 106-200 cpu (AVX2), fp32"."""
     return "; ".join(f"{leg['first']}-{leg['last']} {leg['device']}" for leg in legs) if legs else "not recorded"
 
 

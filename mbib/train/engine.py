@@ -74,7 +74,7 @@ def device_options(device: torch.device, amp: bool, channels_last: bool, bf16_ok
 
 def precision_label(opts: DeviceOptions) -> str:
     """The device a run trains on and in which precision, for its record: "cpu (AVX2), fp32",
-    "cuda (NVIDIA H200), bf16". A run continued elsewhere may change both (see fit's legs)."""
+    "cuda (NVIDIA H200), bfloat16". A run continued elsewhere may change both (see fit's legs)."""
     if opts.device.type == "cuda":
         where = f"cuda ({torch.cuda.get_device_name(opts.device)})"
     elif opts.device.type == "cpu":
