@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Protocol, Sequence
 
-if TYPE_CHECKING:
-    from mbib.study.results import TrialRow
+
+class TrialRow(Protocol):
+    """What the study plots read of a trial (mbib.study.results.TrialRow has it); a Protocol keeps plots below study."""
+
+    number: int
+    score: float
+    state: str
+    params: dict[str, Any]
 
 
 def _plt():

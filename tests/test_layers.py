@@ -18,9 +18,9 @@ LAYERS = [
     ("methods", ["mbib.methods"]),
     ("train", ["mbib.train", "mbib.raylocal"]),
     # the Ray Train driver (runner) and its summary (report) record runs in MLflow: they sit with tracking
-    ("study", ["mbib.study", "mbib.reproduction", "mbib.tracking", "mbib.analysis", "mbib.plots",
-               "mbib.train.runner", "mbib.train.report"]),
-    ("serving", ["mbib.serving", "mbib.export", "mbib.cli"]),
+    ("tracking", ["mbib.tracking", "mbib.plots", "mbib.train.runner", "mbib.train.report"]),
+    ("study", ["mbib.study", "mbib.reproduction", "mbib.analysis"]),
+    ("serving", ["mbib.serving", "mbib.export", "mbib.serve_app", "mbib.cli"]),
 ]
 RANK = {prefix: rank for rank, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes}
 
@@ -113,6 +113,13 @@ def test_nothing_below_the_training_loop_imports_it():
     below = [m for m in edges if layer(m) < RANK["mbib.train"]]
     assert "mbib.methods.gml" in below and "mbib.losses.functional" in below
     assert [(m, t) for m in below for t in edges[m] if t.startswith("mbib.train")] == []
+
+
+def test_tracking_imports_no_study():
+    edges = graph()
+    tracking = [m for m in edges if m.startswith("mbib.tracking")]
+    assert "mbib.tracking.registry" in tracking and layer("mbib.tracking") < layer("mbib.study")
+    assert [(m, t) for m in tracking for t in edges[m] if t.startswith(("mbib.study", "mbib.reproduction"))] == []
 
 
 @pytest.mark.parametrize("source, problem", [

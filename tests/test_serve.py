@@ -326,13 +326,37 @@ def test_invalid_model_fails_the_build_in_one_line(tmp_path, kind, expected):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
-def test_serve_run_with_an_invalid_model_prints_one_line(tmp_path):
+@pytest.mark.parametrize("import_path, where", [("serve.app:app", "checkout"), ("mbib.serve_app:app", "elsewhere")])
+def test_serve_run_with_an_invalid_model_prints_one_line(tmp_path, import_path, where):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not onnx")
-    result = subprocess.run(["serve", "run", "serve.app:app", f"model_path={bad}"], cwd=Path(__file__).parents[1],
+    cwd = Path(__file__).parents[1] if where == "checkout" else tmp_path  # the installed builder runs from any folder
+    result = subprocess.run(["serve", "run", import_path, f"model_path={bad}"], cwd=cwd,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad} is not a loadable ONNX model")
+
+
+def test_a_registered_model_uri_is_exported_once_and_serves_the_same_outputs(exported, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from mbib.serve_app import app, registered_onnx
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", exported["uri"])
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "export")  # the export's record goes beside the fixture's
+    monkeypatch.setenv("MBIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MBIB_DATA_ROOT", raising=False)
+    path = registered_onnx("models:/tiny/1")
+    assert path.parent == tmp_path / "serve" and path.name == "models-tiny-1.onnx"
+    images = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    ours, reference = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["probs"], {"images": images})[0]
+                       for p in (path, exported["onnx"]))
+    np.testing.assert_allclose(ours, reference, atol=1e-6)
+    stamp = path.stat().st_mtime_ns
+    assert registered_onnx("models:/tiny/1") == path and path.stat().st_mtime_ns == stamp  # reused, not re-exported
+    assert app({"model_path": "models:/tiny/1", "num_cpus": 0.5}) is not None  # `serve run ... model_path=models:/...`
+    with pytest.raises(SystemExit, match=r"^error: cannot download models:/tiny/9"):
+        app({"model_path": "models:/tiny/9"})
 
 
 def test_config_file_build_in_a_ray_task_fails_with_the_reason(tmp_path, ray_local):

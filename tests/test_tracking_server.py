@@ -118,7 +118,7 @@ def test_unreachable_server_stops_the_study_in_one_line_before_any_trial(tmp_pat
 def test_study_through_a_server_that_goes_away_loses_nothing_after_resume(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mbib.tracking.trials import TAG_LATE
+    from mbib.study.record import TAG_LATE
 
     port = free_port()
     server = _server(tmp_path, port)

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from mbib import tracking
 from mbib.config import TrainConfig
 from mbib.study.spec import BUDGET, SEARCH_SPACE
-from mbib.tracking.trials import MLflowTrialLogger
+from mbib.study.record import MLflowTrialLogger
 from mbib.train.fit import CHECKPOINT_REPORT
 
 

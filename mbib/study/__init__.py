@@ -1,7 +1,7 @@
 """Hyperparameter studies: Ray Tune trials that each fit a Ray Train run, searched by Optuna, logged to MLflow.
 
 One study = one MLflow experiment; per data set one Tune experiment, one parent MLflow run and one nested child
-run per trial. Only the driver writes to MLflow (SQLite allows one writer; `mbib.tracking.trials`). ASHA stops
+run per trial. Only the driver writes to MLflow (SQLite allows one writer; `mbib.study.record`). ASHA stops
 weak trials early; the searcher tells Optuna those trials are PRUNED so TPE never mistakes a truncated accuracy
 for a final one.
 

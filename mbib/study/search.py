@@ -22,9 +22,8 @@ from mbib.raylocal import ensure_ray
 from mbib.storelock import LockPatientClient
 from mbib.study.results import DatasetOutcome, best_row, collect_rows, param_importances
 from mbib.study.spec import BUDGET, METRIC, SEARCH_SPACE, DatasetSpec, StudySpec, paper_point, trial_train_config
-from mbib.tracking.registry import register_best
-from mbib.tracking.trials import (LOST, TAG_LATE, MLflowTrialLogger, TrackingLost, is_connection_error, log_summary,
-                                  parent_run)
+from mbib.study.record import (LOST, TAG_LATE, MLflowTrialLogger, TrackingLost, is_connection_error, log_summary,
+                               parent_run, register_best)
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes of Ray's logical "memory" resource per trial function
 

@@ -1,5 +1,5 @@
-"""The model registry: a study registers its best trial's checkpoint.pt; `resolve_checkpoint` turns a path or an
-MLflow URI (models:/NAME/VERSION, runs:/..., mlflow-artifacts:/...) into a local checkpoint.pt (study and export)."""
+"""The model registry, read side: `resolve_checkpoint` turns a path or an MLflow URI (models:/NAME/VERSION, runs:/...,
+mlflow-artifacts:/...) into a local checkpoint.pt (study and export). The study registers in `mbib.study.record`."""
 
 from __future__ import annotations
 
@@ -7,45 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 from mbib import tracking
 from mbib.checkpoint import CHECKPOINT_FILE, checkpoint_file, load_checkpoint
 from mbib.data.split import SELECT_METRIC
 from mbib.errors import ConfigError, TrainingError
 
-if TYPE_CHECKING:
-    from mbib.study.results import TrialRow
-
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-
-
-def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, model_name: str) -> str:
-    """Log the checkpoint.pt of the best trial's chosen epoch on its child run and register it; once per parent run."""
-    import ray.train
-
-    from mbib.tracking.trials import find_child_runs
-
-    done = client.get_run(parent_id).data.tags.get("mbib.registered_version")
-    if done:
-        return done
-    if not best.checkpoint_path:
-        raise TrainingError(f"best trial {best.trial_id} has no checkpoint: check runtime.eval_every and storage")
-    child = find_child_runs(client, experiment_id, parent_id, best.trial_id)
-    run_id = child[0].info.run_id if child else parent_id
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(ray.train.Checkpoint(kept_checkpoint(best.checkpoint_path)).to_directory(tmp)) / CHECKPOINT_FILE
-        client.log_artifact(run_id, str(local), artifact_path="model")
-    if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
-        client.create_registered_model(model_name, description="best checkpoint of an mbib study (checkpoint.pt)")
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = client.create_model_version(model_name, source=source, run_id=run_id,
-                                          tags={"trial_id": best.trial_id, "epoch": str(best.epoch),
-                                                "select_acc": f"{best.score:.3f}",
-                                                **{k: f"{v:.3f}" for k, v in best.metrics.items() if k.startswith("heldout_")}}).version
-    client.set_tag(parent_id, "mbib.registered_model", model_name)
-    client.set_tag(parent_id, "mbib.registered_version", str(version))
-    return str(version)
 
 
 def kept_checkpoint(path: str) -> str:

@@ -16,10 +16,12 @@ from types import SimpleNamespace
 from ray import tune
 
 from mbib import plots, tracking
-from mbib.errors import MBIBError
+from mbib.checkpoint import CHECKPOINT_FILE
+from mbib.errors import MBIBError, TrainingError
 from mbib.storelock import LockPatientClient
 from mbib.study.results import TrialRow, finite, trial_number
 from mbib.study.spec import BUDGET, METRIC, SEARCH_SPACE, trial_train_config
+from mbib.tracking.registry import kept_checkpoint
 from mbib.train.fit import CHECKPOINT_REPORT
 
 TAG_STUDY, TAG_DATASET, TAG_TRIAL = "mbib.study", "mbib.dataset", "mbib.trial_id"
@@ -221,3 +223,29 @@ def log_summary(client, parent_id: str, key: str, rows: list[TrialRow], best: Tr
                              "best_trial_id": best.trial_id if best else None, "trials": table,
                              "importances": importances, "importance_basis": basis}, d / "study.json")
         client.log_artifact(parent_id, str(d / "study.json"))
+
+
+def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, model_name: str) -> str:
+    """Log the checkpoint.pt of the best trial's chosen epoch on its child run and register it; once per parent run."""
+    import ray.train
+
+    done = client.get_run(parent_id).data.tags.get("mbib.registered_version")
+    if done:
+        return done
+    if not best.checkpoint_path:
+        raise TrainingError(f"best trial {best.trial_id} has no checkpoint: check runtime.eval_every and storage")
+    child = find_child_runs(client, experiment_id, parent_id, best.trial_id)
+    run_id = child[0].info.run_id if child else parent_id
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(ray.train.Checkpoint(kept_checkpoint(best.checkpoint_path)).to_directory(tmp)) / CHECKPOINT_FILE
+        client.log_artifact(run_id, str(local), artifact_path="model")
+    if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
+        client.create_registered_model(model_name, description="best checkpoint of an mbib study (checkpoint.pt)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(model_name, source=source, run_id=run_id,
+                                          tags={"trial_id": best.trial_id, "epoch": str(best.epoch),
+                                                "select_acc": f"{best.score:.3f}",
+                                                **{k: f"{v:.3f}" for k, v in best.metrics.items() if k.startswith("heldout_")}}).version
+    client.set_tag(parent_id, "mbib.registered_model", model_name)
+    client.set_tag(parent_id, "mbib.registered_version", str(version))
+    return str(version)
