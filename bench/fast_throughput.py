@@ -33,7 +33,7 @@ from train_throughput import bare_step_fn, pick_dataset  # noqa: E402
 # engine settings of each mode: eager = today's per-batch step; graphed = the fast step (CUDA graphs)
 MODES = {"eager": (False, False), "graphed": (True, False), "compiled": (False, True), "both": (True, True)}
 LAYOUTS = {"nchw_bf16": (False, torch.bfloat16), "channels_last_tf32": (True, None), "nchw_tf32": (False, None)}
-CELL_ACC_SEEDS = (40.9, 40.8)  # MBIB IF-100 seed 0: the H200's and the CPU's 200-epoch runs (README)
+CELL_ACC_SEEDS = (40.9, 40.8)  # MBIB IF-100 seed 0: the H200's and the CPU's 200-epoch runs (docs/reproduction.md)
 
 
 def config(data_root: str | None, epochs: int = 200, **extra) -> TrainConfig:

@@ -11,7 +11,7 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from mbib.serving import OnnxClassifier
+from mbib.classifier import OnnxClassifier
 
 model = OnnxClassifier(os.environ["MBIB_BENCH_MODEL"], num_threads=int(os.environ.get("MBIB_BENCH_THREADS", "1")),
                        use_cuda=False)

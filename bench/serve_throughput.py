@@ -1,7 +1,8 @@
-"""Bounded loopback load: the Ray Serve endpoint vs a plain uvicorn server vs the same ONNX model in-process.
+"""Bounded loopback load: the Ray Serve endpoint (HAProxy ingress, Ray's proxy) vs a plain uvicorn server vs the same
+ONNX model in-process.
 
 Every request is one PNG-encoded image taken all the way to top-5 labels (decode + preprocess + model), so the
-paths do the same work: Serve adds HTTP, the proxy-to-replica hop and @serve.batch queueing; the plain server
+paths do the same work: Serve adds HTTP, the ingress-to-replica hop and @serve.batch queueing; the plain server
 (bench/plain_asgi.py, what a user would pick instead) adds HTTP only; PyTorch eager in-process is the framework
 anchor. Each path gets the same CPU share (ORT intra-op threads = torch threads = the replica's num_cpus). The
 paths take turns in rounds, so a machine whose load drifts (other jobs) shifts them alike; medians are reported,
@@ -32,7 +33,10 @@ from mbib.data.datasets import resolve_data_root
 from mbib.export import export_onnx
 from mbib.models import build_model, ensemble_logits
 from mbib.raylocal import free_port
-from mbib.serving import OnnxClassifier, ServeSettings, build_app
+from mbib.classifier import OnnxClassifier
+from mbib.ingress import HA_PROXY
+from mbib.serving import ServeSettings, build_app
+from mbib.train.engine import cpu_description
 
 RESULTS = Path(__file__).parent / "results" / "serve_throughput.json"
 
@@ -127,6 +131,34 @@ def start_plain_server(onnx_path: Path, threads: int) -> tuple[subprocess.Popen,
     raise RuntimeError("the plain uvicorn server did not come up in 60 s")
 
 
+def http(client, path: str):
+    def call(body: bytes) -> list:
+        response = client.post(path, content=body, headers={"content-type": "image/png"})
+        response.raise_for_status()
+        return response.json()["predictions"]
+    return call
+
+
+def empty(client, path: str):
+    return lambda body: client.get(path).raise_for_status()
+
+
+def round_trips(serve_client, plain_client, bodies: list[bytes], requests: int) -> dict:
+    """Where one request's time goes at concurrency 1 (p50 ms): round trips with no work, and with the body read."""
+    def refused(query: str, expected: int, body_of=lambda body: body):
+        """A POST /classify that the replica answers with `expected` before the model: the hops without the work."""
+        def call(body: bytes) -> None:
+            response = serve_client.post("/classify" + query, content=body_of(body), headers={"content-type": "image/png"})
+            assert response.status_code == expected, response.text
+        return call
+
+    return {"serve_empty_round_trip_ms": run_load(empty(serve_client, "/healthz"), bodies, requests, 1)["p50_ms"],
+            "serve_post_refused_before_reading_body_ms": run_load(refused("?top_k=0", 422), bodies, requests, 1)["p50_ms"],
+            "serve_post_body_read_then_refused_ms": run_load(refused("", 415, lambda body: b"x" * len(body)), bodies,
+                                                             requests, 1)["p50_ms"],
+            "plain_empty_round_trip_ms": run_load(empty(plain_client, "/healthz"), bodies, requests, 1)["p50_ms"]}
+
+
 def summarise(rounds: list[dict], paths: list[str]) -> dict:
     """Median req/s and p50 over the rounds per path (the load of the machine varies between rounds)."""
     return {name: {"req_per_s": float(np.median([r[name]["req_per_s"] for r in rounds])),
@@ -144,8 +176,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPU share of the replica and of each other path")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=ServeSettings.batch_wait_timeout_s)
-    parser.add_argument("--old-batch-wait-timeout-s", type=float, default=0.005,
-                        help="a second Serve app with this wait (the former default), for comparison")
+    parser.add_argument("--ingress", nargs="+", choices=["haproxy", "proxy"], default=["haproxy", "proxy"],
+                        help="Serve ingresses to measure, each in a Ray of its own: HAProxy (the default) and Ray's proxy")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 
@@ -178,68 +210,49 @@ def main(argv=None) -> dict:
 
     plain_proc, plain_base = start_plain_server(onnx_path, threads)
     os.environ.setdefault("RAY_worker_niceness", "0")  # Ray starts its workers at nice 15: the same priority as the plain server
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    for name, prefix, wait in (("bench", "/", args.batch_wait_timeout_s), ("old", "/old", args.old_batch_wait_timeout_s)):
-        settings = ServeSettings(model_path=str(onnx_path), num_replicas=1, num_cpus=args.num_cpus, num_gpus=0,
-                                 max_batch_size=args.max_batch_size, batch_wait_timeout_s=wait)
-        serve.run(build_app(settings), name=name, route_prefix=prefix)
     limits = httpx.Limits(max_connections=max(args.concurrency), max_keepalive_connections=max(args.concurrency))
-    serve_client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits)
     plain_client = httpx.Client(base_url=plain_base, timeout=60, limits=limits)
-
-    def http(client: httpx.Client, path: str):
-        def call(body: bytes) -> list:
-            response = client.post(path, content=body, headers={"content-type": "image/png"})
-            response.raise_for_status()
-            return response.json()["predictions"]
-        return call
-
-    def empty(client: httpx.Client, path: str):
-        return lambda body: client.get(path).raise_for_status()
-
-    def refused(query: str, expected: int, body_of=lambda body: body):
-        """A POST /classify that the replica answers with `expected` before the model: the hops without the work."""
-        def call(body: bytes) -> None:
-            response = serve_client.post("/classify" + query, content=body_of(body), headers={"content-type": "image/png"})
-            assert response.status_code == expected, response.text
-        return call
-
-    paths = {"serve_http": http(serve_client, "/classify"), "serve_http_old_5ms_wait": http(serve_client, "/old/classify"),
-             "plain_asgi_http": http(plain_client, "/classify"), "ort_in_process": in_process_ort,
-             "torch_eager_in_process": torch_eager}
-    results, breakdown = {}, {}
+    results = {str(c): {} for c in args.concurrency}
+    breakdown, batches, empty_rps = {}, {}, {}
     try:
-        for c in args.concurrency:
-            rounds = [{name: run_load(call, bodies, args.requests, c) for name, call in paths.items()}
-                      for _ in range(args.rounds)]
-            results[str(c)] = summarise(rounds, list(paths))
-        # where one request's time goes (concurrency 1, medians): framework round trips with no work, then the work
+        for ingress in args.ingress:  # one Ray per ingress: the controller reads the choice when Ray starts
+            os.environ[HA_PROXY] = "1" if ingress == "haproxy" else "0"
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                     configure_logging=False, log_to_driver=False)
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            settings = ServeSettings(model_path=str(onnx_path), num_replicas=1, num_cpus=args.num_cpus, num_gpus=0,
+                                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
+            serve.run(build_app(settings), name="bench", route_prefix="/")
+            serve_client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits)
+            try:
+                # the plain server and in-process paths run again beside each ingress: each ratio is within one Ray
+                paths = {f"serve_{ingress}": http(serve_client, "/classify"), f"plain_asgi_beside_{ingress}":
+                         http(plain_client, "/classify"), f"ort_in_process_beside_{ingress}": in_process_ort,
+                         f"torch_eager_in_process_beside_{ingress}": torch_eager}
+                for c in args.concurrency:
+                    rounds = [{name: run_load(call, bodies, args.requests, c) for name, call in paths.items()}
+                              for _ in range(args.rounds)]
+                    results[str(c)].update(summarise(rounds, list(paths)))
+                breakdown[ingress] = round_trips(serve_client, plain_client, bodies, args.requests)
+                batches[ingress] = serve_client.get("/healthz").json()["batch_sizes"]
+                empty_rps[ingress] = run_load(empty(serve_client, "/healthz"), bodies, args.requests,
+                                              max(args.concurrency))["req_per_s"]
+            finally:
+                serve_client.close()
+                serve.shutdown()
+                ray.shutdown()
+        empty_rps["plain"] = run_load(empty(plain_client, "/healthz"), bodies, args.requests, max(args.concurrency))["req_per_s"]
         x = ort_model.preprocess(bodies[0])[None]
         probs = ort_model.probabilities(x)[0]
-        breakdown = {
-            "serve_empty_round_trip_ms": run_load(empty(serve_client, "/healthz"), bodies, args.requests, 1)["p50_ms"],
-            "serve_post_refused_before_reading_body_ms": run_load(refused("?top_k=0", 422), bodies, args.requests, 1)["p50_ms"],
-            "serve_post_body_read_then_refused_ms": run_load(refused("", 415, lambda body: b"x" * len(body)), bodies,
-                                                             args.requests, 1)["p50_ms"],
-            "plain_empty_round_trip_ms": run_load(empty(plain_client, "/healthz"), bodies, args.requests, 1)["p50_ms"],
+        breakdown["work"] = {  # the work itself, with no HTTP (medians)
             "decode_preprocess_ms": median_ms(lambda: ort_model.preprocess(bodies[0])),
             "model_batch1_ms": median_ms(lambda: ort_model.probabilities(x)),
             "model_batch16_per_image_ms": round(median_ms(lambda: ort_model.probabilities(np.repeat(x, 16, 0)), 50) / 16, 3),
             "top5_json_ms": median_ms(lambda: json.dumps({"predictions": ort_model.top_k(probs, 5)})),
-            "serve_classify_ms": results["1"]["serve_http"]["p50_ms"] if "1" in results else None,
-            "serve_classify_old_5ms_wait_ms": results["1"]["serve_http_old_5ms_wait"]["p50_ms"] if "1" in results else None,
-            "plain_classify_ms": results["1"]["plain_asgi_http"]["p50_ms"] if "1" in results else None,
         }
-        batches = serve_client.get("/healthz").json()["batch_sizes"]
-        empty_rps = {name: run_load(empty(client, "/healthz"), bodies, args.requests, max(args.concurrency))["req_per_s"]
-                     for name, client in (("serve", serve_client), ("plain", plain_client))}
     finally:
-        serve_client.close()
         plain_client.close()
-        serve.shutdown()
-        ray.shutdown()
         plain_proc.terminate()
         plain_proc.wait(timeout=30)
 
@@ -247,7 +260,8 @@ def main(argv=None) -> dict:
         return {c: round(r[a]["req_per_s"] / r[b]["req_per_s"], 3) for c, r in results.items()}
 
     report = {
-        "what": "req/s and latency per request (PNG bytes -> top-5), loopback, one run: the paths interleaved in "
+        "what": "req/s and latency per request (PNG bytes -> top-5), loopback, one run: per Serve ingress (one Ray "
+                "each, in turn) the Serve endpoint, the plain server and the in-process paths interleaved in "
                 f"{args.rounds} rounds per concurrency, medians over the rounds",
         "model": {"name": state["model_spec"]["name"], "image_size": ort_model.image_size, "exporter": parity["exporter"],
                   "parity_max_abs_diff_logits": parity["max_abs_diff_logits"]},
@@ -255,15 +269,17 @@ def main(argv=None) -> dict:
                      "num_cpus": args.num_cpus, "threads_per_path": threads, "max_batch_size": args.max_batch_size,
                      "batch_wait_timeout_s": args.batch_wait_timeout_s, "replicas": 1,
                      "plain_asgi": "bench/plain_asgi.py: FastAPI under uvicorn, one process, work inline, no batching"},
-        "machine": {"cpus": os.cpu_count(), "ray_worker_niceness": os.environ["RAY_worker_niceness"], "load_average_1m_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+        "machine": {"cpu": cpu_description(), "cpus": os.cpu_count(), "ray_worker_niceness": os.environ["RAY_worker_niceness"], "load_average_1m_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
                     "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                     "onnxruntime": __import__("onnxruntime").__version__, "mbib": mbib.__version__},
         "results": results,
-        "serve_over_ort_in_process_req_per_s": ratio("serve_http", "ort_in_process"),
-        "serve_over_plain_asgi_req_per_s": ratio("serve_http", "plain_asgi_http"),
-        "plain_asgi_over_ort_in_process_req_per_s": ratio("plain_asgi_http", "ort_in_process"),
-        "serve_over_old_5ms_wait_req_per_s": ratio("serve_http", "serve_http_old_5ms_wait"),
-        "breakdown_concurrency_1": breakdown,
+        "ratios_req_per_s": {ingress: {"serve_over_ort_in_process": ratio(f"serve_{ingress}", f"ort_in_process_beside_{ingress}"),
+                                       "serve_over_plain_asgi": ratio(f"serve_{ingress}", f"plain_asgi_beside_{ingress}"),
+                                       "plain_asgi_over_ort_in_process": ratio(f"plain_asgi_beside_{ingress}",
+                                                                               f"ort_in_process_beside_{ingress}")}
+                             for ingress in args.ingress},
+        "haproxy_over_proxy_req_per_s": ratio("serve_haproxy", "serve_proxy") if {"haproxy", "proxy"} <= set(args.ingress) else None,
+        "breakdown_concurrency_1_p50_ms": breakdown,
         "empty_round_trip_req_per_s_at_max_concurrency": empty_rps,
         "serve_batch_sizes_seen": batches,
     }

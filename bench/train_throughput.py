@@ -35,7 +35,7 @@ from mbib.config import TrainConfig, apply_overrides
 from mbib.data.cifar import CIFAR100
 from mbib.data.datasets import cifar_source, resolve_data_root
 from mbib.models import build_model
-from mbib.train.engine import Engine, compiler_available, cpu_has_native_bf16, load_data
+from mbib.train.engine import Engine, compiler_available, cpu_description, cpu_has_native_bf16, load_data
 
 
 def pick_dataset(data_root: str | None) -> str:
@@ -66,7 +66,7 @@ def time_steps(step, steps: int) -> float:
 def machine() -> dict:
     """Where a measurement ran, for the result file."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "cpu_native_bf16": cpu_has_native_bf16(),
+            "platform": platform.platform(), "cpu": cpu_description(), "cpu_native_bf16": cpu_has_native_bf16(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
 

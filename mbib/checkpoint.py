@@ -2,7 +2,7 @@
 
 A checkpoint dict holds
   model_spec: {"name", "num_classes", "options"}      -> rebuilds the network with build_model
-  data_spec:  {"dataset", "classes", "mean", "std", "image_size", "class_counts"}
+  data_spec:  {"dataset", "classes", "mean", "std", "image_size", "class_counts"}, and "recompress" on a dosed set
   model: state_dict; and, for resumable training, optimizer, scheduler, epoch, rng, config, metrics.
   format, mbib_version: added on save; a checkpoint without `format` is format 0 (same layout, read as is).
 """
@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 from mbib.data.datasets import same_dataset
+from mbib.data.recompress import recompress_key
 from mbib.errors import TrainingError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -96,12 +97,23 @@ def load_weights(module: Any, weights: dict[str, Any], state: dict[str, Any], ta
                             f"({first.rstrip(':')}): use a checkpoint of this model, or another run name") from None
 
 
-def check_compatible(state: dict[str, Any], model_spec: dict[str, Any], dataset: str, where: str | os.PathLike) -> None:
-    """Refuse a checkpoint made for another architecture, head, class count or data set (one line, both sides)."""
-    theirs = (state.get("model_spec", {}), (state.get("data_spec") or {}).get("dataset"))
-    if theirs[0] != model_spec or (theirs[1] is not None and not same_dataset(theirs[1], dataset)):
+def check_compatible(state: dict[str, Any], model_spec: dict[str, Any], dataset: str, where: str | os.PathLike,
+                     recompress: str = "none") -> None:
+    """Refuse a checkpoint made for another architecture, head, class count, data set or data dose
+    (data.recompress; a checkpoint without one was made on undosed data), in one line naming both sides."""
+    data = state.get("data_spec") or {}
+    theirs = (state.get("model_spec", {}), dosed_name(data.get("dataset"), data.get("recompress", "")))
+    other_data = data.get("dataset") is not None and (
+        not same_dataset(data["dataset"], dataset) or data.get("recompress", "") != recompress_key(recompress))
+    if theirs[0] != model_spec or other_data:
         raise TrainingError(f"checkpoint {where} was made for {describe(*theirs)}, but this run is "
-                            f"{describe(model_spec, dataset)}: pick a matching checkpoint, or another run name")
+                            f"{describe(model_spec, dosed_name(dataset, recompress_key(recompress)))}: pick a "
+                            "matching checkpoint, or another run name")
+
+
+def dosed_name(dataset: str | None, dose: str) -> str | None:
+    """`cifar100-lt (recompress=q50)` for a dosed set, the name alone for an undosed one."""
+    return f"{dataset} (recompress={dose})" if dataset is not None and dose else dataset
 
 
 def model_from_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):

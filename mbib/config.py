@@ -20,6 +20,9 @@ class DataConfig:
     imbalance_factor: float | None = 100.0  # None: the training set as stored (image folders' default)
     image_size: int | None = None  # image folders: resize to this (None: the model's input size, 32 for resnet32)
     augment: str = "standard"  # "standard" (crop+flip, the paper's) or "strong" (AutoAugment+Cutout, GML's)
+    # a dose given to every train and test image once, when the set is built (mbib.data.recompress): "none", "q50"
+    # (one more Pillow JPEG round, quality 50, 4:2:0) or "chroma" (Cb/Cr down by 2 and back up, Y untouched)
+    recompress: str = "none"
     limit_train: int | None = None  # keep only the first N long-tailed training images (smoke runs, tests)
     limit_test: int | None = None
     loader_workers: int = 8  # DataLoader processes for image-file data sets (ImageNet-LT, iNaturalist)
@@ -198,6 +201,9 @@ def validate(cfg: TrainConfig) -> None:
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{key}={v} is not a finite number: give a finite value")
+    from mbib.data.recompress import check_recompress  # here: the data package imports torch
+
+    check_recompress(cfg.data.recompress)
     o, loss, rt = cfg.optim, cfg.loss, cfg.runtime
     checks = [
         (o.epochs >= 1, "optim.epochs must be >= 1"),

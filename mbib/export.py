@@ -155,11 +155,14 @@ def parity_failure(report: dict[str, Any]) -> str:
 
 def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.PathLike, *,
                 parity_images: torch.Tensor | None = None, parity_npz: str | None = None,
-                parity_count: int = 32, synthetic_parity: bool = False, tolerance: float = TOLERANCE,
+                parity_count: int = 32, synthetic_parity: bool = False, noise_if_no_data: bool = False,
+                tolerance: float = TOLERANCE, record: bool = True,
                 mlflow_tracking_uri: str | None = None, mlflow_experiment: str | None = None) -> dict[str, Any]:
     """Export, verify (ONNX checker + ORT/PyTorch parity, see check_parity), then write atomically.
 
     Returns the parity report. Raises TrainingError when the check fails; nothing is written then.
+    `noise_if_no_data`: check on noise when the model's data set is not on this machine (the report says which).
+    `record`: log the file and report to MLflow (the active run, or a new one at the tracking URI) as `mbib export` does.
     """
     import onnx
 
@@ -175,14 +178,18 @@ def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.P
     size = int(data_spec["image_size"])
     wrapper = EnsembleClassifier(model).eval()
 
+    generator = torch.Generator().manual_seed(0)
+    noise = lambda: torch.randn(parity_count, len(data_spec["mean"]), size, size, generator=generator)  # noqa: E731
     if synthetic_parity and parity_images is None and parity_npz is None:
-        generator = torch.Generator().manual_seed(0)
-        images, image_source = torch.randn(parity_count, len(data_spec["mean"]), size, size, generator=generator), "synthetic normal noise"
+        images, image_source = noise(), "synthetic normal noise"
     else:
         try:
             images, image_source = load_parity_images(data_spec, parity_count, parity_images, parity_npz)
         except (DataError, ImportError) as exc:
-            raise DataError(f"no real images for the parity check ({exc}): pass --parity-npz PATH or --synthetic-parity") from None
+            if not noise_if_no_data or parity_images is not None or parity_npz is not None:
+                raise DataError(f"no real images for the parity check ({exc}): pass --parity-npz PATH or "
+                                "--synthetic-parity") from None
+            images, image_source = noise(), f"synthetic normal noise (no real images here: {exc})"
     if images.shape[0] < 2 or tuple(images.shape[2:]) != (size, size):
         raise DataError(f"parity images have shape {tuple(images.shape)}, need [>=2, C, {size}, {size}]: supply images of the model's size")
 
@@ -221,7 +228,7 @@ def export_onnx(checkpoint_or_model_uri: str | os.PathLike, out_path: str | os.P
     report["onnx_path"] = str(target)
     report["onnx_sha256"] = hashlib.sha256(final).hexdigest()
     report["mlflow_run_id"] = log_export(target, report, mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                                            mlflow_experiment)
+                                         mlflow_experiment) if record else None
     return report
 
 

@@ -71,6 +71,10 @@ def send_cluster_token() -> None:
     _enable_token_auth()
 
 
+START_ATTEMPTS = 3  # local starts, when the new node's raylet was too slow to register
+SLOW_NODE = "timed out during startup"  # Ray's words for that (ray._private.node, a fixed 30 s)
+
+
 def ensure_ray(dashboard: bool = False) -> None:
     """Join RAY_ADDRESS's cluster, else start a fresh local Ray (never a stale `ray start` left on the machine).
 
@@ -98,7 +102,15 @@ def ensure_ray(dashboard: bool = False) -> None:
 
     filter_worker_logs()  # worker logs only with --verbose (progress bars always)
     try:
-        ray.init(configure_logging=False, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                ray.init(configure_logging=False, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+                break
+            except Exception as exc:
+                # a loaded machine can miss Ray's fixed 30 s wait for a new node's raylet: a fresh start, again
+                if "address" not in kwargs or attempt == START_ATTEMPTS or SLOW_NODE not in str(exc):
+                    raise
+                ray.shutdown()
     except Exception as exc:  # Ray raises bare Exceptions (with log excerpts) when a component fails to start
         ray.shutdown()
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")

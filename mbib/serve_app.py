@@ -4,7 +4,9 @@
     serve run mbib.serve_app:app model_path=models:/mbib-digits-lt-if10/1  # a registered model, exported once
     MBIB_SERVE_CONFIG=serve/config.yaml serve run mbib.serve_app:app     # settings from the `args` of a config file
 
-`serve.app:app` (the checkout's serve/ folder) is the same builder. From Python:
+`serve.app:app` (the checkout's serve/ folder) is the same builder. `serve run` builds before it starts Ray, so the
+builder picks the ingress (`mbib.ingress`: HAProxy where installed; RAY_SERVE_ENABLE_HA_PROXY=0 for Ray's proxy).
+From Python, call `mbib.ingress.prefer_haproxy()` before `ray.init`, then
 `serve.run(mbib.serving.build_app(ServeSettings(model_path="model.onnx")))`.
 """
 
@@ -14,7 +16,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from mbib.errors import DataError, MBIBError
+from mbib.errors import MBIBError
+from mbib.ingress import prefer_haproxy
 from mbib.serving import ServeSettings, build_app
 from mbib.tracking.registry import MLFLOW_SCHEMES
 
@@ -22,6 +25,7 @@ from mbib.tracking.registry import MLFLOW_SCHEMES
 def app(args: dict):
     """Application builder: defaults < MBIB_SERVE_CONFIG file < MBIB_SERVE_* env < `key=value` args."""
     config = args.get("config") or os.environ.get("MBIB_SERVE_CONFIG")
+    prefer_haproxy()  # the Ray `serve run` starts next reads it (no effect on a Ray already running)
     try:
         settings = ServeSettings.from_sources(config, args)
         if settings.model_path.startswith(MLFLOW_SCHEMES):
@@ -46,12 +50,7 @@ def registered_onnx(uri: str, cache_dir: str | os.PathLike | None = None) -> Pat
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    try:
-        export_onnx(uri, target)
-    except DataError as exc:  # no real images here for the parity check: check on noise, as `--synthetic-parity`
-        if "parity" not in str(exc):
-            raise
-        export_onnx(uri, target, synthetic_parity=True)
+    export_onnx(uri, target, noise_if_no_data=True)
     return target
 
 

@@ -1,1 +1,1 @@
-"""Ray Serve entry point for mbib (see serve/app.py and the README's "Serve" section)."""
+"""Ray Serve entry point for mbib (see serve/app.py and docs/serving.md)."""

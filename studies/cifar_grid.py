@@ -1,7 +1,7 @@
 """CIFAR-100-LT study: Optuna TPE over beta, a, b, m, gamma for IF 100, 50 and 10, 200 epochs per trial.
 
     python studies/cifar_grid.py --smoke     # minutes on a laptop CPU, offline data
-    python studies/cifar_grid.py             # the full study (GPU cluster; see the README's "On a cluster")
+    python studies/cifar_grid.py             # the full study (GPU cluster; see docs/clusters.md)
 """
 
 import sys

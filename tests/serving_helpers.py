@@ -67,3 +67,26 @@ def write_parity_npz(path: Path, count: int = 16) -> Path:
     x, y = digits(count, "test")
     np.savez(path, x_test=x.permute(0, 2, 3, 1).numpy(), y_test=y.numpy())
     return path
+
+
+def listener_name(port: int) -> str | None:
+    """The name of the process listening on 127.0.0.1/0.0.0.0:`port` (Linux /proc), None when none is or not Linux."""
+    import os
+
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # local address hex "IP:PORT", state 0A = LISTEN, inode
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc") if inodes else []):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                return open(f"/proc/{pid}/comm").read().strip()
+        except OSError:  # a process that ended, or one we may not read
+            continue
+    return None

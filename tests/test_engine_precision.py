@@ -111,3 +111,14 @@ def test_compile_decision():
     assert should_compile(True, 1, available=True) and not should_compile(False, 10**6, available=True)
     with pytest.raises(ConfigError, match="runtime.compile=false"):
         should_compile(True, 1, available=False)
+
+
+def test_cpu_description_names_the_model_the_capability_and_bf16():
+    import torch
+
+    from mbib.train.engine import cpu_description, cpu_has_native_bf16
+
+    text = cpu_description("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu\n")
+    assert text == (f"Example CPU 9000, {torch.backends.cpu.get_cpu_capability()}, "
+                    f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16'}")
+    assert cpu_description().split(",")[0]  # this machine's own name (or platform's), never empty

@@ -7,6 +7,7 @@ import pytest
 
 from mbib.checkpoint import save_checkpoint
 from mbib.reproduction import investigation as inv
+from mbib.reproduction.grid import base_config, cell_config
 from mbib.reproduction.state import State
 
 
@@ -78,6 +79,40 @@ def test_runs_are_named_resumable_grids_in_their_own_folders():
     args = inv.reproduce_args(inv.Path("r"), {r.name: r for r in inv.RUNS}["Table 9: neither"], "cifar100-lt", 200)
     assert args[args.index("--out") + 1] == "r/investigation/mbib-no-rebalancing"
     assert "loss.m=0" in args and "loss.logit_adjust=false" in args and "--runner" in args
+
+
+def test_issue_35_cells_come_in_its_order_before_the_queue_left_and_resolve_to_their_recipes():
+    names = [r.name for r in inv.RUNS]
+    order = ["CE at Cao et al.'s recipe", "CE on q50", "CE on chroma", "BSCE on q50", "GLMC optimiser"]
+    first = names.index(order[0])
+    assert names[first:first + len(order)] == order
+    assert names.index("seed 1: BIB") > first and names.index("Table 9: m = 0") > first  # the queue that was there
+    runs = {r.name: r for r in inv.RUNS}
+
+    def config(name, method):
+        plan = inv.run_plan(runs[name], "cifar100-lt", 200)
+        return cell_config(plan, base_config(plan), inv.grid_cell(method, inv.IMBALANCE_FACTOR))
+
+    cao = config(order[0], "ce")
+    assert (cao.optim.weight_decay, cao.runtime.eval_every, cao.runtime.seed) == (2e-4, 1, 0)
+    assert (cao.data.imbalance_factor, cao.optim.epochs, cao.data.recompress) == (100, 200, "none")
+    assert [config(n, m).data.recompress for n, m in (("CE on q50", "ce"), ("CE on chroma", "ce"),
+                                                       ("BSCE on q50", "bsce"))] == ["q50", "chroma", "q50"]
+    assert runs["GLMC optimiser"].methods == ("mbib", "bsce")
+    glmc = config("GLMC optimiser", "mbib").optim
+    assert (glmc.lr, glmc.batch_size, glmc.weight_decay, glmc.schedule, glmc.warmup_epochs) == \
+        (0.01, 64, 5e-3, "cosine", 10)
+    assert config("GLMC optimiser", "mbib").loss.vsd_warmup_epochs == 5  # MBIB's VSD ramp as in its other cells
+    args = inv.reproduce_args(inv.Path("r"), runs[order[0]], "cifar100-lt", 200)
+    assert "optim.weight_decay=2e-4" in args and "runtime.eval_every=1" in args
+
+
+def test_every_cell_shows_best_on_test_beside_last_labelled(tmp_path):
+    run = {r.name: r for r in inv.RUNS}["CE at Cao et al.'s recipe"]
+    write_state(tmp_path, run, {"ce": {**fake_cell(35.2), "best": {"overall": 36.4}, "best_epoch": 187}})
+    report = inv.write_report(tmp_path, inv.RUNS, "cifar100-lt", 200, "x").read_text()
+    assert "| few | best-on-test overall |" in report and "not a result" in report
+    assert "| 35.2 | 45.2 | 35.2 | 25.2 | 36.4 |" in report and "| 187/200 |" in report
 
 
 @pytest.mark.slow

@@ -12,15 +12,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mbib"
 
 # lowest first; a module may import its own layer and those below. A module's layer is its longest prefix here.
 LAYERS = [
-    ("core", ["mbib", "mbib.errors", "mbib.console", "mbib.metrics", "mbib.storelock", "mbib.serving_page"]),
+    ("core", ["mbib", "mbib.errors", "mbib.console", "mbib.metrics", "mbib.storelock", "mbib.serving_page",
+              "mbib.classifier"]),  # the ONNX model and its preprocessing: numpy, PIL and ONNX Runtime only
     ("data", ["mbib.data", "mbib.config"]),  # config resolves data roots through mbib.data
     ("models", ["mbib.models", "mbib.losses", "mbib.checkpoint"]),  # losses: the pure maths only
     ("methods", ["mbib.methods"]),
     ("train", ["mbib.train", "mbib.raylocal"]),
     # the Ray Train driver (runner) and its summary (report) record runs in MLflow: they sit with tracking
     ("tracking", ["mbib.tracking", "mbib.plots", "mbib.train.runner", "mbib.train.report"]),
+    # ONNX export and the MLflow Model around it: the study registers its best trial as one
+    ("export", ["mbib.export", "mbib.mlflow_model", "mbib.mlflow_model_code"]),
     ("study", ["mbib.study", "mbib.reproduction", "mbib.analysis"]),
-    ("serving", ["mbib.serving", "mbib.export", "mbib.serve_app", "mbib.cli"]),
+    ("serving", ["mbib.serving", "mbib.ingress", "mbib.serve_app", "mbib.cli"]),
 ]
 RANK = {prefix: rank for rank, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes}
 
@@ -115,27 +118,40 @@ def test_nothing_below_the_training_loop_imports_it():
     assert [(m, t) for m in below for t in edges[m] if t.startswith("mbib.train")] == []
 
 
+def study_reached_from_tracking(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    tracking = [m for m in edges if layer(m) == RANK["mbib.tracking"]]
+    return sorted((m, t) for m in tracking for t in edges[m] if layer(t) == RANK["mbib.study"])
+
+
 def test_tracking_imports_no_study():
+    """MLflow recording sits below the study (the study's own record and registration live in mbib.study.record):
+    no module of the tracking layer, the MLflow helpers, plots and the Train driver alike, imports the study layer."""
     edges = graph()
-    tracking = [m for m in edges if m.startswith("mbib.tracking")]
-    assert "mbib.tracking.registry" in tracking and layer("mbib.tracking") < layer("mbib.study")
-    assert [(m, t) for m in tracking for t in edges[m] if t.startswith(("mbib.study", "mbib.reproduction"))] == []
+    tracking = {m for m in edges if layer(m) == RANK["mbib.tracking"]}
+    assert {"mbib.tracking.registry", "mbib.tracking.runs", "mbib.plots", "mbib.train.runner"} <= tracking
+    assert layer("mbib.tracking") < layer("mbib.study") == layer("mbib.reproduction") == layer("mbib.analysis")
+    assert study_reached_from_tracking(edges) == []
 
 
-@pytest.mark.parametrize("source, problem", [
-    ("from mbib.train.engine import Engine\n", "upward"),  # the methods layer reaching up
-    ("import mbib.methods.fake\n", "cycle"),  # fake imports registry back: a cycle
+@pytest.mark.parametrize("source, tracked, problem", [
+    ("from mbib.train.engine import Engine\n", "", "upward"),  # the methods layer reaching up
+    ("import mbib.methods.fake\n", "", "cycle"),  # fake imports registry back: a cycle
+    ("", "def best():\n    from mbib.study.record import register\n", "study"),  # tracking reaching up, lazily
 ])
-def test_the_checks_catch_what_they_are_for(tmp_path, source, problem):
+def test_the_checks_catch_what_they_are_for(tmp_path, source, tracked, problem):
     root = tmp_path / "mbib"
     for name, text in {"__init__.py": "", "methods/__init__.py": "", "train/__init__.py": "",
                        "train/engine.py": "", "methods/registry.py": source,
-                       "methods/fake.py": "from mbib.methods import registry\n"}.items():
+                       "methods/fake.py": "from mbib.methods import registry\n",
+                       "tracking/__init__.py": "", "tracking/registry.py": tracked,
+                       "study/__init__.py": "", "study/record.py": ""}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     modules = module_names(root)
     edges = {name: imports(path, modules) - {name} for name, path in modules.items()}
     if problem == "upward":
         assert upward(edges) == ["mbib.methods.registry (methods) imports mbib.train.engine (train)"]
+    elif problem == "study":
+        assert study_reached_from_tracking(edges) == [("mbib.tracking.registry", "mbib.study.record")]
     else:
         assert cycles(edges) == [["mbib.methods.fake", "mbib.methods.registry"]]

@@ -145,6 +145,12 @@ def test_the_best_trial_is_ranked_by_selection_score_not_the_whole_test_set():
     assert best_row([hi_test, hi_sel]) is hi_sel
 
 
+def test_equal_selection_scores_go_to_the_earlier_trial_in_any_order():
+    first = TrialRow("p", 1, PARAMS, 60.0, 4, "COMPLETE", "x", {}, {})
+    later = TrialRow("q", 2, PARAMS, 60.0, 4, "COMPLETE", "y", {}, {})
+    assert best_row([later, first]) is first and best_row([first, later]) is first
+
+
 def test_study_trials_select_on_half_the_test_set_unless_told_otherwise():
     from mbib.study.cli import study_parser, study_spec
     from mbib.study.spec import DatasetSpec
@@ -161,7 +167,7 @@ def test_the_live_table_shows_the_best_selection_epoch_and_its_held_out_numbers(
     from mbib.study.console import StudyConsole
 
     table = StudyConsole("k", 4, tuple(PARAMS))
-    table._refresh = lambda finished=None: None  # no terminal here: the rows are what is checked
+    table._refresh = lambda finished=None, evaluated=None: None  # no terminal here: the rows are what is checked
     trial = SimpleNamespace(trial_id="t", config=PARAMS, path=None)
     for done, sel, acc, held in ((1, 50.0, 51.0, 49.0), (2, 70.0, 60.0, 61.0), (3, None, None, None),
                                  (4, 65.0, 80.0, 79.0)):
@@ -170,3 +176,63 @@ def test_the_live_table_shows_the_best_selection_epoch_and_its_held_out_numbers(
     row = table.rows["t"]
     assert (row["epoch"], row["score"], row["at"], row["acc"], row["many"]) == (4, 70.0, 2, 61.0, 1.0)
     assert "held-out split" in table._table().title
+
+
+def test_a_study_logged_to_a_file_prints_a_line_per_evaluation():
+    import io
+
+    from rich.console import Console
+
+    from mbib.study.console import StudyConsole
+
+    table = StudyConsole("k", 4, tuple(PARAMS))
+    out = io.StringIO()
+    table.console = Console(file=out, force_terminal=False, width=200)  # a log file, not a terminal
+    trial = SimpleNamespace(trial_id="t", config=PARAMS, path=None)
+    table.on_trial_result(0, [], trial, {"epochs_done": 1, "select_acc": 50.0})
+    table.on_trial_result(0, [], trial, {"epochs_done": 2})  # not an evaluation: no line
+    table.on_trial_result(0, [], trial, {"epochs_done": 3, "select_acc": 40.0})
+    assert out.getvalue().splitlines() == ["k trial 1: epoch 1/4, selection score 50.0 (best 50.0 at epoch 1)",
+                                           "k trial 1: epoch 3/4, selection score 40.0 (best 50.0 at epoch 1)"]
+
+
+def test_a_resumed_drivers_console_starts_each_trial_from_its_earlier_reports(tmp_path):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from mbib.study.console import StudyConsole
+
+    folder = tmp_path / "run_trial_t_8_a=0.1"
+    folder.mkdir()
+    reports = [{"epochs_done": 5, "select_acc": 31.0, "heldout_acc": 30.7, "trial_id": "t"},
+               {"epochs_done": 10, "select_acc": 29.0, "heldout_acc": 29.5, "trial_id": "t"}]
+    (folder / "result.json").write_text("".join(json.dumps({**r, "config": PARAMS}) + "\n" for r in reports))
+    table = StudyConsole("k", 20, tuple(PARAMS))
+    out = io.StringIO()
+    table.console = Console(file=out, force_terminal=False, width=200)
+    trial = SimpleNamespace(trial_id="t", config=PARAMS, path=str(folder), local_path=None)
+    table.on_trial_result(0, [], trial, {"epochs_done": 15, "select_acc": 30.0})
+    assert out.getvalue().splitlines() == ["k trial 8: epoch 15/20, selection score 30.0 (best 31.0 at epoch 5)"]
+
+
+def test_a_moved_study_finds_the_checkpoints_of_trials_that_ended_before_the_move(tmp_path):
+    from mbib.study.results import checkpoint_here
+
+    root = tmp_path / "clone" / "runs" / "study"
+    (root / "train_runs" / "9d381753" / "epoch_0199").mkdir(parents=True)
+    old = "/elsewhere/first-machine/runs/study/train_runs/9d381753/epoch_0199"  # what the trial's result recorded
+    assert checkpoint_here(old, str(root)) == str(root / "train_runs" / "9d381753" / "epoch_0199")
+    here = str(root / "train_runs" / "9d381753" / "epoch_0199")
+    assert checkpoint_here(here, str(root)) == here  # a path that exists stays
+    for kept in ("s3://bucket/runs/study/train_runs/x/epoch_0001", "/gone/not/a/train/run", None):
+        assert checkpoint_here(kept, str(root)) == kept  # remote, foreign or absent: left for the caller to report
+
+
+def test_a_stopped_fit_counts_its_unended_and_never_created_trials():
+    from mbib.study.results import unfinished
+
+    assert unfinished(["TERMINATED"] * 5 + ["ERROR", "RUNNING"], 8) == 2  # one running, one never created
+    assert unfinished(["TERMINATED", "PENDING", "PAUSED"], 3) == 2
+    assert unfinished(["TERMINATED"] * 7 + ["ERROR"], 8) == 0

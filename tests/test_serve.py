@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -21,13 +23,14 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_helpers import digits, normalise  # noqa: E402
+from serving_helpers import digits, listener_name, normalise  # noqa: E402
 
 from mbib.checkpoint import model_from_checkpoint  # noqa: E402
 from mbib.errors import ConfigError  # noqa: E402
 from mbib.models import ensemble_logits  # noqa: E402
 from mbib.raylocal import free_port  # noqa: E402
-from mbib.serving import ServeSettings, build_app, cuda_present, resize_for_model, to_model_input  # noqa: E402
+from mbib.classifier import cuda_present, resize_for_model, to_model_input  # noqa: E402
+from mbib.serving import ServeSettings, build_app  # noqa: E402
 
 BODY_LIMIT = 200_000
 PIXEL_LIMIT = 1_000_000
@@ -47,8 +50,81 @@ def service(exported, ray_local):
                              batch_wait_timeout_s=0.01, max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)
     serve.run(build_app(settings), name="mbib", route_prefix="/")
     with httpx.Client(base_url=base, timeout=60) as client:
-        yield {"client": client, "model": model, "spec": state["data_spec"], "base": base}
+        yield {"client": client, "model": model, "spec": state["data_spec"], "base": base, "port": port}
     serve.shutdown()  # the session's Ray stays up for the other test modules
+
+
+def test_the_default_ingress_is_haproxy_where_installed(service):
+    """Every test of this module runs through the product's default ingress: HAProxy (bundled by ray[serve])."""
+    from mbib.ingress import HA_PROXY, haproxy_binary
+
+    if haproxy_binary() is None or not Path("/proc/net/tcp").exists():
+        pytest.skip("no HAProxy binary here, or no /proc to see who listens")
+    assert os.environ.get(HA_PROXY) == "1", "conftest's Ray should have started with the default ingress"
+    assert listener_name(service["port"]) == "haproxy"  # HAProxy takes the HTTP port, not Ray's proxy actor
+    _healthy(service)
+
+
+@pytest.mark.parametrize("value, binary, expected, env_after", [
+    (None, "bundled", "haproxy", "1"),    # nothing chosen, HAProxy installed: the fast ingress
+    ("0", "bundled", "proxy", "0"),       # the way back, kept
+    ("1", "bundled", "haproxy", "1"),
+    (None, "missing", "proxy", None),     # nothing installed: Ray's proxy, nothing set
+])
+def test_prefer_haproxy_sets_the_default_only_where_nothing_was_chosen(tmp_path, value, binary, expected, env_after):
+    from mbib.ingress import HA_PROXY, prefer_haproxy
+
+    exe = tmp_path / "haproxy"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    environ = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(exe if binary == "bundled" else tmp_path / "none")}
+    if value is not None:
+        environ[HA_PROXY] = value
+    assert prefer_haproxy(environ) == expected and environ.get(HA_PROXY) == env_after
+
+
+@pytest.mark.timeout(600)
+def test_the_way_back_to_rays_proxy_serves_the_same_guarantees(exported, tmp_path):
+    """RAY_SERVE_ENABLE_HA_PROXY=0 `serve run CONFIG` from another folder: Ray's proxy answers, and refuses alike."""
+    import signal
+    import time
+
+    import yaml
+
+    port = free_port()
+    config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+              "applications": [{"name": "mbib", "route_prefix": "/", "import_path": "mbib.serve_app:app",
+                                "args": {"model_path": str(exported["onnx"]), "num_replicas": 1, "num_cpus": 0.5,
+                                         "max_body_bytes": BODY_LIMIT}}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # a Ray of its own
+    proc = subprocess.Popen(["serve", "run", "config.yaml"], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        if Path("/proc/net/tcp").exists():
+            assert listener_name(port) != "haproxy"
+        png = _encode(digits(1, "test")[0][0].permute(1, 2, 0).numpy(), "PNG")
+        ok = httpx.post(f"{base}/classify", content=png, headers={"content-type": "image/png"}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["predictions"]) == 5
+        big = httpx.post(f"{base}/classify", content=b"x" * (BODY_LIMIT + 1), headers={"content-type": "image/png"},
+                         timeout=60)
+        assert big.status_code == 413 and "error" in big.json()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
@@ -399,3 +475,130 @@ def test_replicas_and_batch_wait_from_settings():
     assert [replicas_for(16, 2, 1, 1.0), replicas_for(16, 2, 1, 0.5)] == [2, 4]  # one per GPU share
     with pytest.raises(ConfigError, match="batch_wait_timeout_s=-0.1 is negative"):
         ServeSettings.coerce({"batch_wait_timeout_s": "-0.1"})
+
+
+@pytest.fixture(scope="module")
+def image_model(exported, tmp_path_factory):
+    """The fixture's checkpoint registered as an MLflow Model (models:/digits/1) in a store of its own, as the
+    study registers its best trial."""
+    from mlflow.tracking import MlflowClient
+
+    from mbib import tracking
+    from mbib.mlflow_model import register_image_model
+
+    tmp = tmp_path_factory.mktemp("mlflow-model")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(tracking.get_or_create_experiment(client, "study")).info.run_id
+    client.set_terminated(run)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MBIB_DATA_ROOT", raising=False)
+        version = register_image_model(client, run, exported["ckpt"], "digits")
+    assert client.get_run(run).info.status == "FINISHED"  # registering did not reopen the run
+    return {"uri": uri, "model_uri": f"models:/digits/{version}", "tmp": tmp}
+
+
+def _pngs(test_pixels) -> list[bytes]:
+    return [_encode(img, "PNG") for img in test_pixels]
+
+
+@contextlib.contextmanager
+def _in_store(uri: str):
+    """MLflow's process-wide store set to `uri` (the export fixture set another), put back after."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}  # set_*_uri export these
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+        for k, v in env.items():  # later tests' child processes must not inherit this store as their registry
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _load_pyfunc(image_model):
+    import mlflow
+
+    with _in_store(image_model["uri"]):
+        return mlflow.pyfunc.load_model(image_model["model_uri"])
+
+
+def test_the_registered_mlflow_model_answers_as_the_serve_endpoint_and_keeps_its_checkpoint(service, image_model,
+                                                                                            test_pixels):
+    import mlflow
+    import pandas as pd
+
+    from mbib.export import export_onnx
+
+    model = _load_pyfunc(image_model)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
+    assert model.metadata.metadata["classes"] == [str(i) for i in range(10)] and model.metadata.metadata["image_size"] == 32
+    pngs = _pngs(test_pixels)
+    answers = model.predict(pd.DataFrame({"image": pngs}))
+    served = [service["client"].post("/classify", content=p, headers={"content-type": "image/png"}).json()["predictions"][0]
+              for p in pngs]
+    assert answers["index"].tolist() == [s["index"] for s in served]
+    assert answers["label"].tolist() == [s["label"] for s in served]
+    assert np.abs(answers["probability"].to_numpy() - [s["probability"] for s in served]).max() < 1e-5
+    assert len(set(answers["index"])) > 1  # distinct answers: a model answering one class could not pass
+    with pytest.raises(mlflow.exceptions.MlflowException, match="not a PNG, JPEG or WebP"):
+        model.predict(pd.DataFrame({"image": [b"not an image"]}))
+    # the checkpoint is beside the model: `mbib export models:/...` still exports it
+    with _in_store(image_model["uri"]):
+        report = export_onnx(image_model["model_uri"], image_model["tmp"] / "again.onnx", record=False)
+    assert report["passed"]
+
+
+def test_the_mlflow_model_module_imports_without_mlflows_type_hint_warning():
+    """MLflow warns at class definition when predict has no type hint; every study and `mbib` command imports it."""
+    done = subprocess.run([sys.executable, "-W", "always", "-c", "import mbib.mlflow_model"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "Add type hints" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_models_serve_answers_invocations_from_a_real_image(image_model, test_pixels, tmp_path):
+    """MLflow's own scoring server on the registered version: JSON with base64 images in, the pyfunc's answers out,
+    a broken image a JSON 400."""
+    import base64
+    import os
+    import time
+
+    import pandas as pd
+
+    port = free_port()
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's mbib, which the model's code imports
+    env = {**os.environ, "MLFLOW_TRACKING_URI": image_model["uri"], "MLFLOW_REGISTRY_URI": image_model["uri"],
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", image_model["model_uri"],
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=env, cwd=tmp_path, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        pngs = _pngs(test_pixels)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p).decode()] for p in pngs]}}
+        response = httpx.post(f"{base}/invocations", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        got = pd.DataFrame(response.json()["predictions"])
+        expected = _load_pyfunc(image_model).predict(pd.DataFrame({"image": pngs}))
+        assert got["index"].tolist() == expected["index"].tolist() and got["label"].tolist() == expected["label"].tolist()
+        bad = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}}
+        response = httpx.post(f"{base}/invocations", json=bad, timeout=60)
+        assert response.status_code == 400 and "not a PNG, JPEG or WebP" in response.json()["message"], response.text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=60)

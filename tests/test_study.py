@@ -3,6 +3,7 @@ the pieces around them (ports, cluster files, Optuna's view of stopped trials) a
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,9 +36,9 @@ def _driver(tmp_path, *args, env=None, launcher=()):
 
 
 def _client(tmp_path):
-    from mlflow.tracking import MlflowClient
+    from mbib import tracking
 
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tracking.store_client(f"sqlite:///{tmp_path / 'mlflow.db'}")  # its registry too, whatever env says
 
 
 CLUSTER_SCRIPT = r"""
@@ -112,7 +113,11 @@ def test_smoke_study_logs_parent_child_runs_plots_and_registers(smoke):
         history = {c.data.tags["mbib.trial_id"]: [(m.value, int(m.step)) for m in
                                                  client.get_metric_history(c.info.run_id, "select_acc")] for c in kids}
         assert all(len(h) == 3 for h in history.values()) and all("heldout_acc" in c.data.metrics for c in kids)
-        best_id = max(history, key=lambda t: max(v for v, _ in history[t]))
+        top = max(v for h in history.values() for v, _ in h)
+        tied = [t for t in history if max(v for v, _ in history[t]) == top]
+        paper_id = next(c.data.tags["mbib.trial_id"] for c in kids
+                        if {k: float(c.data.params[k]) for k in SEARCH_SPACE} == paper)
+        best_id = tied[0] if len(tied) == 1 else paper_id  # equal scores: the earlier trial, the paper's point
         assert p.data.params["best_trial_id"] == best_id
         score, epoch = max(history[best_id])  # the latest epoch on ties, as Ray's num_to_keep keeps it
         assert int(p.data.params["best_epoch"]) == epoch and p.data.metrics["best_select_acc"] == score
@@ -140,33 +145,47 @@ def _tpe_proposals(seed, n):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # two study drivers one after the other, 4-epoch trials
-def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
-    client = _client(tmp_path)
+def test_killed_driver_resumes_from_a_moved_folder_without_rerunning_trials(tmp_path):
+    """Killed mid-trial, the study's folder (Tune state, Train checkpoints, MLflow store) moves elsewhere, as a
+    committed study does to a clone on another machine; resumed there in a new Ray session, it finishes the same
+    trials, none twice, every MLflow row complete, and nothing is written at the old path."""
+    first, hang = tmp_path / "first", tmp_path / "hang"
+    first.mkdir()
+    client = _client(first)
     client.search_experiments()  # create the store's tables here: two processes creating them at once collide
     epochs = 3
     # the trials run side by side; the second to reach its first checkpoint waits there until killed, so the kill
     # lands mid-trial on any machine (polling alone lost the race on a fast one); resumed, it arrives third, goes on
     args = ("--num-samples", "2", "--max-concurrent", "2", "--epochs", str(epochs),
-            "--set", f"runtime.inject_hang={tmp_path / 'hang'}:2")
+            "--set", f"runtime.inject_hang={hang}:2")
     no_data = {"MBIB_DATA_ROOT": None}  # the bundled digits alone: a second data set would only repeat the same path
-    proc = _driver(tmp_path, *args, env=no_data)
+    proc = _driver(first, *args, env=no_data)
     # kill once Tune has recorded one finished trial and the next one has reported (and checkpointed) an epoch
-    while proc.poll() is None and not _in_flight_trial_dirs(tmp_path, epochs):
+    while proc.poll() is None and not _in_flight_trial_dirs(first, epochs):
         time.sleep(0.5)
-    assert proc.poll() is None, "the study finished before it could be killed: " + (tmp_path / "driver.log").read_text()[-2000:]
+    assert proc.poll() is None, "the study finished before it could be killed: " + (first / "driver.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(list((tmp_path / "hang").iterdir())) == 2  # killed while the second trial waited at its checkpoint
-    finished, in_flight = _finished_trial_dirs(tmp_path), _in_flight_trial_dirs(tmp_path, epochs)
-    assert finished and in_flight, "no trial was stopped part-way: " + str(_trial_states(tmp_path))
+    assert len(list(hang.iterdir())) == 2  # killed while the second trial waited at its checkpoint
+    finished, in_flight = _finished_trial_dirs(first), _in_flight_trial_dirs(first, epochs)
+    assert finished and in_flight, "no trial was stopped part-way: " + str(_trial_states(first))
     done_at_kill = {d: _epochs_reported(d)[-1] for d in in_flight}
     lines_before = {d: (d / "result.json").read_text().count("\n") for d in finished}
     exp = client.get_experiment_by_name("t")
     ended = {r.data.tags["mbib.trial_id"]: r.info.end_time for r in client.search_runs(
         [exp.experiment_id], "attributes.status = 'FINISHED' and tags.`mbib.trial_id` != ''")}
-    assert _driver(tmp_path, *args, "--resume", env=no_data).wait(timeout=900) == 0, \
-        (tmp_path / "driver.log").read_text()[-3000:]
+    moved = tmp_path / "elsewhere" / "study"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    finished = [moved / d.relative_to(first) for d in finished]
+    done_at_kill = {moved / d.relative_to(first): k for d, k in done_at_kill.items()}
+    lines_before = {moved / d.relative_to(first): n for d, n in lines_before.items()}
+    client = _client(moved)
+    assert _driver(moved, *args, "--resume", env=no_data).wait(timeout=900) == 0, \
+        (moved / "driver.log").read_text()[-3000:]
+    assert not first.exists(), sorted(str(p) for p in first.rglob("*"))  # nothing went to the old path
     runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert all(r.info.artifact_uri.startswith(moved.as_uri() + "/") for r in runs), [r.info.artifact_uri for r in runs]
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and all(p.info.status == "FINISHED" for p in parents)
@@ -174,6 +193,8 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
         name = p.data.tags["mbib.registered_model"]
         assert p.data.tags["mbib.registered_version"] == "1"
         assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+        from mbib.tracking.registry import resolve_checkpoint  # the registered checkpoint is read from the moved store
+        assert resolve_checkpoint(f"models:/{name}/1", tmp_path / "dl", tracking_uri=f"sqlite:///{moved / 'mlflow.db'}").is_file()
     ids = [r.data.tags["mbib.trial_id"] for r in kids]
     assert len(ids) == len(set(ids)) == 2 * len(parents)  # 2 trials per data set, no duplicate child runs
     for d, n in lines_before.items():  # finished trials were not rerun: no new results, same MLflow record
@@ -193,6 +214,32 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
         assert set(history) == set(range(1, epochs + 1)), (k, history)  # every epoch in MLflow, none lost
         assert all(v == 0 for s, v in history.items() if s <= resumed_at), (k, history)  # before the kill
         assert all(v in (0, resumed_at) for s, v in history.items() if s > resumed_at), (k, history)
+        # and Tune's own record of it (what the study's end reads) kept the epochs from before the kill
+        assert sorted(set(_epochs_reported(d))) == list(range(1, epochs + 1)), _epochs_reported(d)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ctrl_c_mid_study_summarises_and_registers_nothing_and_says_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group) while a trial runs: Tune stops and saves its state; the study
+    must not then pick a best trial from an unfinished set, register it or close the parent run."""
+    hang, epochs = tmp_path / "hang", 3
+    client = _client(tmp_path)
+    client.search_experiments()
+    proc = _driver(tmp_path, "--num-samples", "2", "--max-concurrent", "2", "--epochs", str(epochs),
+                   "--set", f"runtime.inject_hang={hang}:2", env={"MBIB_DATA_ROOT": None})
+    while proc.poll() is None and not _in_flight_trial_dirs(tmp_path, epochs):
+        time.sleep(0.5)
+    assert proc.poll() is None, "the study finished before Ctrl-C: " + (tmp_path / "driver.log").read_text()[-2000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout=600)
+    log = (tmp_path / "driver.log").read_text()
+    assert code == 130 and "stopped with 1 of 2 trials unfinished" in log and "--resume" in log, log[-3000:]
+    assert "Traceback" not in log.split("stopped:")[-1]
+    assert client.search_registered_models() == []
+    exp = client.get_experiment_by_name("t")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert parents and all(p.info.status != "FINISHED" and "best_trial_id" not in p.data.params for p in parents)
 
 
 def _trial_states(tmp_path):
@@ -245,6 +292,45 @@ def test_smoke_trials_ran_on_both_nodes_of_the_cluster(smoke):
         assert all(n and "," not in n for n in nodes)  # each 1-CPU trial on one node
         placed.update(nodes)
     assert placed == set(line.split()[1:])  # and the trials on both worker nodes
+
+
+@pytest.mark.slow
+def test_a_study_in_flight_reads_its_ended_trials_as_the_end_does_and_plots_them_on_the_parent(smoke, tmp_path):
+    """While a study runs, each ended trial redraws the parent's plots from the trial folders: the rows read there
+    equal the study's final rows (study.json), and a trial still running is left out."""
+    from types import SimpleNamespace
+
+    from mbib import tracking
+    from mbib.study.record import MLflowTrialLogger
+    from mbib.study.results import rows_so_far
+
+    client = _client(smoke)
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id], max_results=1000)
+                  if "mlflow.parentRunId" not in r.data.tags)
+    key = parent.data.params["dataset_key"]
+    final = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", str(tmp_path))).read_text())
+    ended = [SimpleNamespace(local_path=None, path=str(d), status="TERMINATED")
+             for d in (smoke / "runs" / "t" / key).glob("run_trial_*") if d.is_dir()]
+    rows = rows_so_far(ended, max_epochs=3)
+    assert [(r.trial_id, r.number, r.score, r.epoch, r.epochs_done, r.state) for r in rows] == sorted(
+        ((t["trial_id"], t["number"], t["select_acc"], t["chosen_epoch"], t["epochs_done"], t["state"])
+         for t in final["trials"]), key=lambda x: x[1])
+    store = _client(tmp_path)
+    exp = tracking.get_or_create_experiment(store, "in-flight")
+    fresh = store.create_run(exp).info.run_id
+    running = SimpleNamespace(**{**ended[1].__dict__, "status": "RUNNING"})
+    drawn = MLflowTrialLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", exp, fresh, key, 3).plot_so_far(
+        [ended[0], running], just_ended=ended[0])
+    assert [r.trial_id for r in drawn] == [rows_so_far([ended[0]], 3)[0].trial_id]
+    plots = {f"plots/{n}.png" for n in ("best_so_far", "beta_curve", "ab_heatmap", "importances")}
+    assert plots <= {a.path for a in store.list_artifacts(fresh, "plots")}
+    # a resumed driver (its logger unpickled, even from a state saved before this existed) draws them at once
+    resumed = store.create_run(exp).info.run_id
+    state = MLflowTrialLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", exp, resumed, key, 3).__getstate__()
+    logger = MLflowTrialLogger.__new__(MLflowTrialLogger)
+    logger.__setstate__({k: v for k, v in state.items() if k != "_drawn"})
+    logger.on_step_begin(0, ended)
+    assert plots <= {a.path for a in store.list_artifacts(resumed, "plots")}
 
 
 @pytest.mark.parametrize("damage,expected", [
@@ -349,3 +435,38 @@ def test_trials_stopped_early_reach_optuna_as_pruned_not_complete():
     assert full.state == TrialState.COMPLETE and full.value == 30.0
     rows = [TrialRow("s", 0, {}, 40.0, 3, "PRUNED", None, {}, {}), TrialRow("f", 1, {}, 30.0, 10, "COMPLETE", None, {}, {})]
     assert best_row(rows).trial_id == "f"  # a truncated score never wins over a full-budget one
+
+
+def test_a_local_ray_start_that_misses_rays_node_wait_is_retried_and_other_failures_are_not(monkeypatch):
+    import ray
+
+    from mbib import raylocal
+    from mbib.errors import TrainingError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    calls = []
+
+    def init(failures):
+        def fake(**kwargs):
+            calls.append(kwargs["address"])
+            if len(calls) <= failures:
+                raise Exception(failures_text)
+        return fake
+
+    failures_text = "The current node timed out during startup. This could happen because ..."
+    monkeypatch.setattr(ray, "init", init(2))
+    raylocal.ensure_ray()
+    assert calls == ["local"] * 3  # two slow starts, then one that came up
+    calls.clear()
+    monkeypatch.setattr(ray, "init", init(3))
+    with pytest.raises(TrainingError, match="timed out during startup"):
+        raylocal.ensure_ray()
+    assert len(calls) == raylocal.START_ATTEMPTS
+    calls.clear()
+    failures_text = "Failed to start the GCS"
+    monkeypatch.setattr(ray, "init", init(1))
+    with pytest.raises(TrainingError, match="Failed to start the GCS"):
+        raylocal.ensure_ray()
+    assert calls == ["local"]  # another failure is not retried

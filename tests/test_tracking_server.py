@@ -155,7 +155,7 @@ def test_study_through_a_server_that_goes_away_loses_nothing_after_resume(tmp_pa
             assert p.info.run_name.startswith(p.data.tags["mbib.dataset"])  # the data set first, not cut off
             assert {a.path for a in client.list_artifacts(p.info.run_id, "plots")} >= {"plots/beta_curve.png"}
             mv = client.get_model_version(p.data.tags["mbib.registered_model"], p.data.tags["mbib.registered_version"])
-            local = client.download_artifacts(mv.run_id, "model/checkpoint.pt", str(tmp_path))  # through the server
+            local = client.download_artifacts(mv.run_id, "model/artifacts/checkpoint.pt", str(tmp_path))  # through the server
             assert Path(local).stat().st_size > 0
         assert (tmp_path / "served-artifacts").is_dir()  # artifacts went through the server, not to the driver's disk
         assert not (tmp_path / "mlartifacts").exists()

@@ -23,6 +23,7 @@ from mbib.data.imagefolder import ImageFolderIndex, index_imagefolder, read_imag
 from mbib.data.longtail import longtail_indices, lt_class_counts
 from mbib.data.npz import read_npz
 from mbib.data.raw import RawData
+from mbib.data.recompress import check_recompress, recompress_images
 from mbib.errors import ConfigError, DataError
 
 ENV_ROOT = "MBIB_DATA_ROOT"
@@ -49,6 +50,7 @@ class ImageData:
     class_counts: list[int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    recompress: str = "none"  # the dose its images were given when it was built (mbib.data.recompress)
 
     @property
     def num_classes(self) -> int:
@@ -90,11 +92,14 @@ def same_dataset(a: str, b: str) -> bool:
 
 
 def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalance_factor: float | None = 100,
-                 seed: int = 0, download: bool = True, image_size: int | None = None) -> ImageData:
+                 seed: int = 0, download: bool = True, image_size: int | None = None,
+                 recompress: str = "none") -> ImageData:
     """Load `name` (see NAMES) long-tailed by IF (None: the training set as stored).
 
-    `image_size` resizes the images of an image folder that differ from it (None: they must share one size).
+    `image_size` resizes the images of an image folder that differ from it (None: they must share one size);
+    `recompress` doses every kept image once (mbib.data.recompress: none, q50, chroma).
     """
+    check_recompress(recompress)
     if imbalance_factor is not None and imbalance_factor < 1:
         raise ConfigError(f"imbalance factor must be >= 1 (N_max/N_min), got {imbalance_factor}")
     key = name.strip().lower()
@@ -116,7 +121,7 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, imbalanc
         raw = read_digits()
     else:
         raise ConfigError(f"unknown data set '{name}': choose one of {', '.join(NAMES)}")
-    return build_longtail(raw, keep_name, imbalance_factor, seed, stats, selection)
+    return build_longtail(raw, keep_name, imbalance_factor, seed, stats, selection, recompress)
 
 
 def imagefolder_path(name: str) -> Path:
@@ -152,15 +157,17 @@ def read_longtail_imagefolder(index: ImageFolderIndex, name: str, imbalance_fact
 
 def build_longtail(raw: RawData, name: str, imbalance_factor: float | None, seed: int,
                    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-                   selection: Selection | None = None) -> ImageData:
+                   selection: Selection | None = None, dose: str = "none") -> ImageData:
     """Long-tail raw's training set (deterministic for a seed; IF None keeps it as stored; `selection` when
-    raw was read already long-tailed) and convert both splits to [N,3,H>=32,W>=32]."""
+    raw was read already long-tailed), dose both splits' images (`dose`: a data.recompress value; the long tail
+    is chosen from the labels, so it keeps the same images) and convert them to [N,3,H>=32,W>=32]."""
     counts, keep = selection or longtail_selection(raw.y_train, len(raw.classes), name, imbalance_factor, seed)
-    x_train = to_model_layout(raw.x_train[keep])
+    x_train = to_model_layout(recompress_images(raw.x_train[keep], dose))
     mean, std = stats if stats is not None else channel_stats(x_train)
+    x_test = to_model_layout(recompress_images(raw.x_test, dose))
     return ImageData(name=name, x_train=x_train, y_train=torch.from_numpy(raw.y_train[keep].copy()),
-                     x_test=to_model_layout(raw.x_test), y_test=torch.from_numpy(raw.y_test.copy()),
-                     classes=list(raw.classes), class_counts=counts, mean=tuple(mean), std=tuple(std))
+                     x_test=x_test, y_test=torch.from_numpy(raw.y_test.copy()), classes=list(raw.classes),
+                     class_counts=counts, mean=tuple(mean), std=tuple(std), recompress=dose)
 
 
 def to_model_layout(x_nhwc: np.ndarray) -> torch.Tensor:

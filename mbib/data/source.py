@@ -18,6 +18,7 @@ from mbib.data.augment import normalize
 from mbib.data.datasets import ImageData
 from mbib.data.filelist import FileListData, IndexedViews
 from mbib.data.loader import BatchIterator
+from mbib.data.recompress import recompress_key
 
 Data = ImageData | FileListData  # both expose name, classes, class_counts, mean, std and image_size
 
@@ -46,9 +47,12 @@ class Shard:
 
 
 def data_spec(d: Data) -> dict[str, Any]:
-    """What a checkpoint keeps of its data set: export and serving normalise and resize with it."""
-    return {"dataset": d.name, "classes": list(d.classes), "mean": list(d.mean), "std": list(d.std),
+    """What a checkpoint keeps of its data set: export and serving normalise and resize with it; a dosed set
+    (data.recompress) says its dose, so a run on it never continues from a checkpoint of the undosed one."""
+    spec = {"dataset": d.name, "classes": list(d.classes), "mean": list(d.mean), "std": list(d.std),
             "image_size": d.image_size, "class_counts": list(map(int, d.class_counts))}
+    dose = recompress_key(getattr(d, "recompress", "none"))  # file-list sets are never dosed
+    return {**spec, "recompress": dose} if dose else spec
 
 
 class DataSource:

@@ -117,7 +117,7 @@ def ramp(step: float, total: float) -> float:
 
 
 class VSDRamp:
-    """The one deviation from Appendix J (README): beta grows linearly from 0 over the warm-up epochs, so the
+    """The one deviation from Appendix J (docs/training.md): beta grows linearly from 0 over the warm-up epochs, so the
     distillation teacher q(y|v) is trained before z follows it; 0 warm-up epochs keeps beta fixed."""
 
     def __init__(self, loss: nn.Module, warmup_epochs: float) -> None:

@@ -11,7 +11,7 @@ from mbib import console, tracking
 from mbib.study.console import print_study_summary
 from mbib.config import parse_sets
 from mbib.errors import ConfigError, MBIBError
-from mbib.study.search import run_study
+from mbib.study.search import StudyStopped, run_study
 from mbib.study.spec import SELECTION_SPLIT, DatasetSpec, StudySpec
 
 
@@ -72,6 +72,8 @@ def study_parser(prog: str, description: str):
     p.add_argument("--only", default=None, metavar="KEYS",
                    help="run only these data sets, comma-separated (e.g. cifar100-lt-if100)")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA's first rung in epochs (default epochs/10)")
+    p.add_argument("--reduction-factor", type=int, default=3,
+                   help="ASHA keeps the best 1/N of the trials at each rung (rungs at grace, grace*N, ...)")
     p.add_argument("--seed", type=int, default=0, help="Optuna TPE seed")
     p.add_argument("--selection-split", type=float, default=SELECTION_SPLIT,
                    help="share of each class's test images that chooses epochs and trials; the rest reports "
@@ -100,18 +102,22 @@ def study_spec(args, *, name: str, preset_name: str, datasets: list[DatasetSpec]
         grace_period = grace_period or SMOKE_GRACE_EPOCHS
     elif args.data_root:
         overrides["data.data_root"] = args.data_root
+        os.environ["MBIB_DATA_ROOT"] = str(Path(args.data_root).resolve())  # a moved study's trials find it here
     if args.only:
         datasets = chosen_datasets(datasets, args.only)
     gpus_per_trial = gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial
     if gpus_per_trial < 0 or (gpus_per_trial > 1 and not float(gpus_per_trial).is_integer()):
         raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: Ray takes a fraction up to 1 (trials share a GPU) "
                           "or a whole number of GPUs; pass e.g. 0.25 or 2")
+    if args.reduction_factor < 2:
+        raise ConfigError(f"--reduction-factor {args.reduction_factor}: ASHA keeps 1/N of the trials at each rung, "
+                          "so N must be at least 2 (3 is Ray's default)")
     overrides.update(parse_sets(args.overrides))
     return StudySpec(name=args.name or name, preset=preset_name, datasets=datasets, overrides=overrides,
                      epochs=args.epochs, reshape=reshape, num_samples=args.num_samples or num_samples,
                      max_concurrent=args.max_concurrent or max_concurrent,
                      gpus_per_trial=gpus_per_trial,
-                     grace_period=grace_period, seed=args.seed, selection_split=args.selection_split,
+                     grace_period=grace_period, reduction_factor=args.reduction_factor, seed=args.seed, selection_split=args.selection_split,
                      storage_path=args.storage_path,
                      tracking_uri=args.tracking_uri)
 
@@ -128,6 +134,9 @@ def study_main(argv, *, prog: str, name: str, preset_name: str, datasets: list[D
         spec = study_spec(args, name=name, preset_name=preset_name, datasets=datasets, num_samples=num_samples,
                           max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial)
         outcomes = run_study(spec, resume=args.resume)
+    except StudyStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 130  # the shell's code for a run ended by Ctrl-C
     except MBIBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

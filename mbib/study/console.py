@@ -46,8 +46,9 @@ class StudyConsole(Callback):
                       *(fmt(r["params"].get(p), 2) for p in self.params))
         return t
 
-    def _refresh(self, finished=None) -> None:
-        """Redraw the table in a terminal; in a log file, a line per finished trial (the table comes at the end)."""
+    def _refresh(self, finished=None, evaluated=None) -> None:
+        """Redraw the table in a terminal; in a log file, a line per evaluation and per finished trial (the table
+        comes at the end), so a long study's log shows progress between trials."""
         self.console = self.console or Console()
         if not self.console.is_terminal:
             if finished is not None:
@@ -55,6 +56,10 @@ class StudyConsole(Callback):
                 self._say(f"{self.key} trial {r['number']}: {r['state']} at epoch {r['epoch']}/{self.max_epochs}, "
                           f"selection score {fmt(r.get('score'))} at epoch {r.get('at', 'n/a')} "
                           f"({'held-out' if r.get('heldout') else 'whole test set'} acc {fmt(r.get('acc'))})")
+            elif evaluated is not None:
+                r, score = self.rows[evaluated[0].trial_id], evaluated[1]
+                self._say(f"{self.key} trial {r['number']}: epoch {r['epoch']}/{self.max_epochs}, selection score "
+                          f"{fmt(score)} (best {fmt(r.get('score'))} at epoch {r.get('at', 'n/a')})")
             return
         if self.live is None:
             self.live = Live(self._table(), console=self.console, auto_refresh=False)
@@ -69,7 +74,24 @@ class StudyConsole(Callback):
             number = (trial_number(trial.trial_id, path) if path else 0) or len(self.rows) + 1
             self.rows[trial.trial_id] = {"number": number, "state": "pending", "epoch": 0,
                                          "params": {p: trial.config.get(p) for p in self.params}}
+            self._resume_row(trial)
         return self.rows[trial.trial_id]
+
+    def _resume_row(self, trial) -> None:
+        """A resumed driver's row starts from what the trial reported before (its result.json), not from nothing."""
+        from mbib.study.results import rows_so_far
+
+        if not (getattr(trial, "path", None) or getattr(trial, "local_path", None)):
+            return
+        try:
+            before = rows_so_far([trial], self.max_epochs)
+        except Exception:  # a half-written or foreign folder: the row starts empty, as it would have
+            return
+        if before and finite(before[0].score):
+            r, row = before[0], self.rows[trial.trial_id]
+            held = "heldout_acc" in r.metrics
+            row.update(epoch=r.epochs_done, score=r.score, at=r.epoch, heldout=held,
+                       **{k: r.metrics.get(f"heldout_{k}" if held else k) for k in ("acc", *GROUPS)})
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._row(trial)["state"] = "running"
@@ -83,7 +105,7 @@ class StudyConsole(Callback):
             held = "heldout_acc" in result  # what the row shows beside it: the held-out part, else the whole test set
             row.update(score=score, at=row["epoch"], heldout=held,
                        **{k: result.get(f"heldout_{k}" if held else k) for k in ("acc", *GROUPS)})
-        self._refresh()
+        self._refresh(evaluated=(trial, score) if finite(score) else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)

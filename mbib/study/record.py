@@ -19,8 +19,10 @@ from mbib import plots, tracking
 from mbib.checkpoint import CHECKPOINT_FILE
 from mbib.errors import MBIBError, TrainingError
 from mbib.storelock import LockPatientClient
-from mbib.study.results import TrialRow, finite, trial_number
+from mbib.study.results import TrialRow, finite, param_importances, rows_so_far, trial_number
 from mbib.study.spec import BUDGET, METRIC, SEARCH_SPACE, trial_train_config
+from mbib.study.trial_files import continue_trial_record
+from mbib.mlflow_model import register_image_model
 from mbib.tracking.registry import kept_checkpoint
 from mbib.train.fit import CHECKPOINT_REPORT
 
@@ -41,6 +43,9 @@ def is_connection_error(exc: BaseException) -> bool:
         isinstance(exc, MlflowException) and "API request" in str(exc))
 
 
+RESTORED_STORE: dict[str, str] = {}  # data set key -> the store's URI as this driver reaches it (set before restore)
+
+
 class MLflowTrialLogger(tune.Callback):
     """Each trial a child run nested under the data set's parent run; written by the Tune driver only.
 
@@ -56,7 +61,7 @@ class MLflowTrialLogger(tune.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._client, self._runs, self._logged = None, {}, {}
+        self._client, self._runs, self._logged, self._drawn = None, {}, {}, False
 
     def _guarded(self, fn, *args) -> None:
         """A tracking server that goes away must not stop the trials: note why, stop logging; --resume fills in."""
@@ -71,15 +76,18 @@ class MLflowTrialLogger(tune.Callback):
 
     def __getstate__(self):  # Tune pickles callbacks into the experiment state; clients and caches stay behind
         state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _logged={})
+        state.update(_client=None, _runs={}, _logged={}, _drawn=False)  # a restored driver redraws the plots
         return state
+
+    def __setstate__(self, state):  # restored by a driver elsewhere: its store's URI, not the first machine's path
+        self.__dict__.update(state)
+        self.uri = RESTORED_STORE.get(self.dataset_key, self.uri)
+        self._drawn = False  # also for a logger pickled before it drew plots at the start
 
     @property
     def client(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = LockPatientClient(MlflowClient(self.uri))
+            self._client = LockPatientClient(tracking.store_client(self.uri))
         return self._client
 
     def child_run(self, trial) -> str:
@@ -106,7 +114,13 @@ class MLflowTrialLogger(tune.Callback):
         self._runs[tid] = run.info.run_id
         return run.info.run_id
 
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._drawn:  # once per driver: a resumed study's parent shows the trials that ended before it
+            self._drawn = True
+            self._draw(trials, None)
+
     def on_trial_start(self, iteration, trials, trial, **info):
+        continue_trial_record(trial)  # runs before Tune's own loggers open the trial's files
         self._guarded(self.child_run, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -114,6 +128,27 @@ class MLflowTrialLogger(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._guarded(self.complete, trial)
+        self._draw(trials, trial)
+
+    def _draw(self, trials, just_ended) -> None:
+        if self.parent_run_id in LOST:
+            return
+        try:
+            self.plot_so_far(trials, just_ended)
+        except Exception as exc:  # plots are a view: a failure to draw them must not stop the record
+            logging.getLogger(__name__).warning("the parent run's plots were not redrawn (%s: %s)",
+                                                type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
+
+    def plot_so_far(self, trials, just_ended) -> list[TrialRow]:
+        """A long study's parent run shows its plots as each trial ends, not only when the study does; returns the
+        rows drawn."""
+        # the callback may run before Tune marks the trial it reports as ended
+        ended = [t for t in trials if t is just_ended or t.status in ("TERMINATED", "ERROR")]
+        rows = rows_so_far(ended, self.max_epochs)
+        if rows:
+            log_plots(self.client, self.parent_run_id, self.dataset_key, rows, *param_importances(rows),
+                      so_far=f" ({len(rows)} of {len(trials)} trials ended)")
+        return rows
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._guarded(lambda: self.client.set_terminated(self.child_run(trial), "FAILED"))
@@ -208,14 +243,9 @@ def log_summary(client, parent_id: str, key: str, rows: list[TrialRow], best: Tr
                              step=r.number)
     tracking.log_metrics(client, parent_id, {f"importance_{k}": v for k, v in importances.items()}, step=0)
     client.set_tag(parent_id, "mbib.importance_basis", basis)
+    log_plots(client, parent_id, key, rows, importances, basis)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        plots.plot_history(rows, d / "best_so_far.png", f"{key}: optimisation history")
-        plots.plot_beta(rows, d / "beta_curve.png", f"{key}: accuracy vs beta")
-        plots.plot_ab_heatmap(rows, d / "ab_heatmap.png", f"{key}: accuracy over a, b")
-        plots.plot_importances(importances, basis, d / "importances.png", f"{key}: parameter importances",
-                               list(SEARCH_SPACE))
-        client.log_artifacts(parent_id, str(d), artifact_path="plots")
         table = [{"trial_id": r.trial_id, "number": r.number, **r.params, "select_acc": r.score,
                   "chosen_epoch": r.epoch, **r.metrics, "epochs_done": r.epochs_done, "state": r.state,
                   "worker_nodes": r.worker_nodes} for r in rows]
@@ -225,8 +255,21 @@ def log_summary(client, parent_id: str, key: str, rows: list[TrialRow], best: Tr
         client.log_artifact(parent_id, str(d / "study.json"))
 
 
+def log_plots(client, parent_id: str, key: str, rows: list[TrialRow], importances: dict[str, float], basis: str,
+              so_far: str = "") -> None:
+    """The parent run's four plots (history, beta, a-b heatmap, importances); `so_far` marks a study in flight."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        plots.plot_history(rows, d / "best_so_far.png", f"{key}: optimisation history{so_far}")
+        plots.plot_beta(rows, d / "beta_curve.png", f"{key}: accuracy vs beta{so_far}")
+        plots.plot_ab_heatmap(rows, d / "ab_heatmap.png", f"{key}: accuracy over a, b{so_far}")
+        plots.plot_importances(importances, basis, d / "importances.png", f"{key}: parameter importances{so_far}",
+                               list(SEARCH_SPACE))
+        client.log_artifacts(parent_id, str(d), artifact_path="plots")
+
+
 def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, model_name: str) -> str:
-    """Log the checkpoint.pt of the best trial's chosen epoch on its child run and register it; once per parent run."""
+    """Log the best trial's chosen epoch as an MLflow Model on its child run and register it; once per parent run."""
     import ray.train
 
     done = client.get_run(parent_id).data.tags.get("mbib.registered_version")
@@ -238,14 +281,13 @@ def register_best(client, parent_id: str, experiment_id: str, best: TrialRow, mo
     run_id = child[0].info.run_id if child else parent_id
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(ray.train.Checkpoint(kept_checkpoint(best.checkpoint_path)).to_directory(tmp)) / CHECKPOINT_FILE
-        client.log_artifact(run_id, str(local), artifact_path="model")
-    if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
-        client.create_registered_model(model_name, description="best checkpoint of an mbib study (checkpoint.pt)")
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = client.create_model_version(model_name, source=source, run_id=run_id,
-                                          tags={"trial_id": best.trial_id, "epoch": str(best.epoch),
-                                                "select_acc": f"{best.score:.3f}",
-                                                **{k: f"{v:.3f}" for k, v in best.metrics.items() if k.startswith("heldout_")}}).version
+        version = register_image_model(
+            client, run_id, local, model_name,
+            description="best trial of an mbib study: an MLflow Model (pyfunc over its ONNX export, taking images), "
+                        "its checkpoint.pt beside it",
+            metadata={"trial_id": best.trial_id, "epoch": best.epoch, "select_acc": best.score},
+            tags={"trial_id": best.trial_id, "epoch": str(best.epoch), "select_acc": f"{best.score:.3f}",
+                  **{k: f"{v:.3f}" for k, v in best.metrics.items() if k.startswith("heldout_")}})
     client.set_tag(parent_id, "mbib.registered_model", model_name)
     client.set_tag(parent_id, "mbib.registered_version", str(version))
     return str(version)

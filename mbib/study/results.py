@@ -74,6 +74,31 @@ def trial_row(res, max_epochs: int) -> TrialRow:
                     {int(e): float(a) for e, a in zip(evals[BUDGET], evals[METRIC])}, nodes)
 
 
+def rows_so_far(trials, max_epochs: int) -> list[TrialRow]:
+    """Rows of the given Tune trials (the ones that ended) while the study runs, read from each trial's folder as
+    Tune reads results at the end (its result.json, flushed row by row)."""
+    from ray.tune import Result
+
+    paths = [next((d for d in (t.local_path, t.path) if d and Path(d, "result.json").is_file()), None) for t in trials]
+    return collect_rows([Result.from_path(p) for p in paths if p], max_epochs)
+
+
+def checkpoint_here(path: str | None, root: str) -> str | None:
+    """A checkpoint path recorded before the study moved (another folder or machine), as it is now: the same
+    run and epoch under `root`/train_runs, where a moved study's Train runs live."""
+    if not path or "://" in path or Path(path).exists() or "train_runs" not in Path(path).parts:
+        return path
+    parts = Path(path).parts
+    here = Path(root, *parts[len(parts) - 1 - parts[::-1].index("train_runs"):])
+    return str(here) if here.parent.is_dir() else path
+
+
+def unfinished(statuses: list[str], num_samples: int) -> int:
+    """How many of the study's trials are left unended (running, pending, paused or never created), from the
+    statuses Tune saved when its loop stopped (it marks stopped trials TERMINATED only after saving)."""
+    return max(num_samples - len(statuses), 0) + sum(s not in ("TERMINATED", "ERROR") for s in statuses)
+
+
 def trial_number(trial_id: str, trial_dir: str) -> int:
     """Tune names trial folders <trainable>_<trial id>_<number>_<params>: the number orders the trials."""
     head = Path(trial_dir).name.split(f"{trial_id}_", 1)[-1].split("_", 1)[0]
@@ -86,10 +111,10 @@ def finite(v) -> bool:
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:
     """The trial with the highest selection score among the full-budget ones; only if none ran the full budget,
-    among the stopped ones. Failed and never-evaluated trials never win."""
+    among the stopped ones; on equal scores the earlier trial. Failed and never-evaluated trials never win."""
     scored = [r for r in rows if finite(r.score)]
     pool = [r for r in scored if r.state == "COMPLETE"] or [r for r in scored if r.state == "PRUNED"]
-    return max(pool, key=lambda r: r.score) if pool else None
+    return max(pool, key=lambda r: (r.score, -r.number)) if pool else None  # ties: the earlier, whatever the order
 
 
 def optuna_study(rows: list[TrialRow]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,18 @@ from mbib.data.split import describe_split
 from mbib.errors import ConfigError, MBIBError
 from mbib.raylocal import ensure_ray
 from mbib.storelock import LockPatientClient
-from mbib.study.results import DatasetOutcome, best_row, collect_rows, param_importances
+from mbib.tracking.moved import follow_moved_store
+from mbib.study.results import (DatasetOutcome, best_row, checkpoint_here, collect_rows, param_importances,
+                                 unfinished)
 from mbib.study.spec import BUDGET, METRIC, SEARCH_SPACE, DatasetSpec, StudySpec, paper_point, trial_train_config
-from mbib.study.record import (LOST, TAG_LATE, MLflowTrialLogger, TrackingLost, is_connection_error, log_summary,
+from mbib.study.record import (LOST, RESTORED_STORE, TAG_LATE, MLflowTrialLogger, TrackingLost, is_connection_error, log_summary,
                                parent_run, register_best)
 
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes of Ray's logical "memory" resource per trial function
+
+
+class StudyStopped(MBIBError):
+    """The study was stopped (Ctrl-C) before every trial ended: nothing is summarised or registered."""
 
 
 class WorkerNodes(WorkerGroupCallback):
@@ -54,10 +61,33 @@ def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: fits one TorchTrainer (Train V2 pattern); its reports reach Tune via the callback."""
     from mbib.train.runner import build_trainer
 
-    cfg = trial_train_config(config)
+    cfg = moved_with_the_study(trial_train_config(config), study_root_now())
     cfg.run_name = tune.get_context().get_trial_id()  # a restored trial finds its Train run and resumes it
     nodes = WorkerNodes()
     build_trainer(cfg, [StudyReportCallback(nodes), nodes]).fit()
+
+
+def study_root_now() -> str | None:
+    """The study's folder as this trial's Tune storage has it (after a move, the new one); None when it is remote."""
+    from pyarrow.fs import LocalFileSystem
+    from ray.train._internal.session import get_session  # Tune has no public accessor for a trial's storage
+
+    storage = get_session().storage
+    if not isinstance(storage.storage_filesystem, LocalFileSystem):
+        return None
+    return str(Path(storage.experiment_fs_path).parent)  # experiments are <root>/<data set key>
+
+
+def moved_with_the_study(cfg: TrainConfig, root: str | None) -> TrainConfig:
+    """A trial's config holds the absolute paths of the machine the study started on; a study resumed from another
+    folder or machine trains where its state is now: Train runs beside the Tune experiments (`<root>/train_runs`),
+    data from $MBIB_DATA_ROOT when the first data root is gone."""
+    rt, data = cfg.runtime, cfg.data
+    if root and rt.storage_path and "://" not in rt.storage_path:
+        rt.storage_path = str(Path(root) / "train_runs")
+    if data.data_root and not Path(data.data_root).exists() and os.environ.get("MBIB_DATA_ROOT"):
+        data.data_root = str(Path(os.environ["MBIB_DATA_ROOT"]).resolve())
+    return cfg
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -110,6 +140,7 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
     # the trial function only drives Train, whose workers hold the CPUs/GPUs: it asks for memory alone (Ray
     # rejects an all-zero request), so two 1-CPU trials fit a 2-CPU laptop
     trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    RESTORED_STORE[ds.key] = uri  # a study moved with its store logs to the store where it is now
     if exists:  # before any MLflow write: a state Tune cannot read leaves the store as it was
         try:
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
@@ -145,7 +176,15 @@ def run_dataset(spec: StudySpec, ds: DatasetSpec, client, experiment_id: str, ur
                            "--resume and they are logged")
     if (late := logger.backfill(grid)):
         print(f"{ds.key}: logged {late} records the tracking server had missed (tagged {TAG_LATE})")
-    rows = collect_rows(grid, epochs)
+    # Ctrl-C ends Tune's loop quietly: its state saved then says which trials had not ended (remote: only the count)
+    saved = saved_trials(Path(exp_path)) if "://" not in exp_path else None
+    statuses = [t.get("status", "") for t in saved] if saved is not None else ["TERMINATED"] * len(grid)
+    if (left := unfinished(statuses, spec.num_samples)):
+        raise StudyStopped(f"{ds.key}: stopped with {left} of {spec.num_samples} trials unfinished, so nothing is "
+                           f"summarised or registered; the state is safe under {exp_path}: rerun with --resume")
+    # a study that moved (another folder or machine) finds the checkpoints of trials that ended before the move
+    rows = [replace(r, checkpoint_path=checkpoint_here(r.checkpoint_path, spec.root()))
+            for r in collect_rows(grid, epochs)]
     best, (importances, basis) = best_row(rows), param_importances(rows)
     selection = describe_split(base.data.selection_split, base.data.selection_seed)
     log_summary(client, parent_id, ds.key, rows, best, importances, basis, selection)
@@ -171,11 +210,16 @@ def check_study_state(spec: StudySpec, resume: bool) -> None:
             _check_own_state(Path(exp_path), spec.base_config(ds))
 
 
+def saved_trials(path: Path) -> list[dict] | None:
+    """The trials in Tune's newest saved experiment state under `path` (None without one)."""
+    states = sorted(path.glob("experiment_state-*.json"))  # named by the driver's start time: the last is the newest
+    return [json.loads(t) for t, _ in json.loads(states[-1].read_text())["trial_data"]] if states else None
+
+
 def _check_own_state(path: Path, base: TrainConfig) -> None:
     what = f"--resume: the study state in {path}"
-    states = sorted(path.glob("experiment_state-*.json"))
     try:
-        trials = [json.loads(t) for t, _ in json.loads(states[-1].read_text())["trial_data"]] if states else None
+        trials = saved_trials(path)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{what} is corrupt ({type(exc).__name__}): move that folder away to start afresh, "
                           "or restore it from a backup") from None
@@ -193,16 +237,16 @@ def _check_own_state(path: Path, base: TrainConfig) -> None:
 
 def run_study(spec: StudySpec, resume: bool = False) -> list[DatasetOutcome]:
     """Run (or resume) the study on every data set in turn; returns what each data set left in MLflow."""
-    from mlflow.tracking import MlflowClient
-
     check_study_state(spec, resume)
     # evaluation epochs carry "acc", the others only training losses: Tune must not insist on "acc" in each report
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     uri = tracking.tracking_uri(spec.tracking_uri)
     tracking.check_reachable(uri)  # one line before any trial runs, not a retry loop per trial
+    if resume and (moved := follow_moved_store(uri)):
+        print(f"the MLflow store moved: {moved} artifact paths now point beside {uri.split('///')[-1]}")
     for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
         os.environ.setdefault(var, value)  # a server that went away costs seconds per call, not minutes
-    client = LockPatientClient(MlflowClient(uri))  # another study writing the same SQLite file waits, not dies
+    client = LockPatientClient(tracking.store_client(uri))  # another study writing the same SQLite file waits, not dies
     try:
         experiment_id = tracking.get_or_create_experiment(client, spec.name)  # on the driver, before any trial
         ensure_ray(dashboard=True)

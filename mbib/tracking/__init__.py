@@ -25,6 +25,15 @@ def tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
 
 
+def store_client(uri: str):
+    """An MlflowClient whose registry is the tracking store itself: mbib keeps a study's runs and its registered
+    models in one store (what `models:/` URIs given with --tracking-uri resolve against), never in a registry an
+    inherited MLFLOW_REGISTRY_URI names (`mlflow.set_registry_uri` exports it to every child process)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri)
+
+
 def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
@@ -57,7 +66,7 @@ def get_or_create_experiment(client, name: str, artifact_root: str | None = None
         return exp.experiment_id
     uri = client._tracking_client.tracking_uri  # the client's store, not the environment's: a server keeps its own
     if artifact_root is None and uri.startswith("sqlite:///"):
-        artifact_root = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+        artifact_root = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name).as_uri()  # relative URIs too
     return client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
 
 
@@ -68,10 +77,18 @@ def log_dataset(client, run_id: str, name: str, data, context: str = "training")
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    source = {k: getattr(data, k) for k in ("dataset", "imbalance_factor", "limit_train", "limit_test", "augment")}
-    text = json.dumps(source, sort_keys=True, default=str)
+    text = json.dumps(dataset_source(data), sort_keys=True, default=str)
     ds = Dataset(name=name, digest=hashlib.sha256(text.encode()).hexdigest()[:8], source_type="mbib", source=text)
     client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def dataset_source(data) -> dict[str, Any]:
+    """The DataConfig settings that make a run's data set, as MLflow's dataset entry records (and digests) them."""
+    source = {k: getattr(data, k) for k in ("dataset", "imbalance_factor", "limit_train", "limit_test", "augment")}
+    dose = getattr(data, "recompress", "none")
+    if dose != "none":  # a dosed set is other data; undosed data keeps the digest it always had
+        source["recompress"] = dose
+    return source
 
 
 def metric_name(key: str) -> str:

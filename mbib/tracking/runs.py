@@ -17,10 +17,8 @@ from mbib.train.build import loss_settings
 
 def start_training_run(uri: str, cfg, num_classes: int, train_images: int, parent_run_id: str | None = None):
     """A run for `cfg` (nested under parent_run_id when given) with its config as params; returns (client, run id)."""
-    from mlflow.tracking import MlflowClient
-
     tracking.check_reachable(uri)
-    client = LockPatientClient(MlflowClient(uri))  # a second writer on a SQLite store: wait, not die
+    client = LockPatientClient(tracking.store_client(uri))  # a second writer on a SQLite store: wait, not die
     exp_id = tracking.get_or_create_experiment(client, cfg.experiment)
     tags = {"mlflow.runName": cfg.run_name}
     if parent_run_id:
@@ -34,9 +32,7 @@ def start_training_run(uri: str, cfg, num_classes: int, train_images: int, paren
 
 def log_epoch(uri: str, run_id: str, metrics: dict[str, Any], epoch: int) -> None:
     """One report as one MLflow step (called from the Train controller, the one writer)."""
-    from mlflow.tracking import MlflowClient
-
-    tracking.log_metrics(LockPatientClient(MlflowClient(uri)), run_id, metrics, step=epoch)
+    tracking.log_metrics(LockPatientClient(tracking.store_client(uri)), run_id, metrics, step=epoch)
 
 
 def log_final_artifacts(client, run_id: str, best_checkpoint: Path | None, best_metrics: dict[str, Any]) -> None:
@@ -60,9 +56,7 @@ def log_final_artifacts(client, run_id: str, best_checkpoint: Path | None, best_
 def report_parent_run(uri: str, experiment: str, name: str, params: dict[str, Any], known: dict[str, Any]) -> str:
     """One parent run per reproduction report: `known` ({tracking_uri, parent_run_id} from the state file) is
     reused when it is in the same store and still there."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = tracking.store_client(uri)
     if known.get("tracking_uri") == uri:
         try:
             return client.get_run(known["parent_run_id"]).info.run_id
@@ -76,9 +70,7 @@ def report_parent_run(uri: str, experiment: str, name: str, params: dict[str, An
 
 def log_report(uri: str, parent_run_id: str, files: list[Path]) -> None:
     """The reproduction report and its PNGs as artifacts of the parent run, which then ends."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = tracking.store_client(uri)
     for f in files:
         client.log_artifact(parent_run_id, str(f), artifact_path="report")
     client.set_terminated(parent_run_id, "FINISHED")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import platform
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -54,6 +56,16 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:  # older torch without the probes: stay in fp32
         return False
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU a measurement ran on, for result files: "Intel(R) Xeon(R) Processor, AVX512, native bf16"."""
+    if cpuinfo is None:
+        info = Path("/proc/cpuinfo")
+        cpuinfo = info.read_text() if info.is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "")
+    return (f"{name or platform.processor() or 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{'native bf16' if cpu_has_native_bf16() else 'no native bf16'}")
 
 
 def device_options(device: torch.device, amp: bool, channels_last: bool, bf16_ok: bool | None = None) -> DeviceOptions:
@@ -112,15 +124,25 @@ def should_compile(setting: bool | None, total_steps: int, available: bool) -> b
 
 def load_data(cfg: TrainConfig) -> Data:
     if cfg.data.dataset in FILE_LISTS:
+        check_undosed(cfg)
         return mdata.load_filelist_data(cfg.data.dataset, cfg.data.data_root)
     size = cfg.data.image_size or input_size(cfg.model.arch)
     if cfg.data.dataset.lower().startswith(mdata.IMAGEFOLDER):
         index = mdata.index_imagefolder(mdata.imagefolder_path(cfg.data.dataset))
         if len(index) * size * size * 3 > IN_MEMORY_BYTES:  # large sets stay files, decoded per batch
+            check_undosed(cfg)
             return mdata.imagefolder_filelist_data(cfg.data.dataset, index)
     d = mdata.load_dataset(cfg.data.dataset, data_root=cfg.data.data_root, imbalance_factor=cfg.data.imbalance_factor,
-                           seed=cfg.runtime.seed, image_size=size)
+                           seed=cfg.runtime.seed, image_size=size, recompress=cfg.data.recompress)
     return limit_data(d, cfg.data.limit_train, cfg.data.limit_test)
+
+
+def check_undosed(cfg: TrainConfig) -> None:
+    """A data set read from its files batch by batch takes no dose (one line): doses are given once to
+    in-memory images (mbib.data.recompress), and these images are never all in memory."""
+    if cfg.data.recompress != "none":
+        raise ConfigError(f"data.recompress={cfg.data.recompress} needs an in-memory data set, but "
+                          f"{cfg.data.dataset} is read from its files batch by batch: set data.recompress=none")
 
 
 def limit_data(d: mdata.ImageData, limit_train: int | None, limit_test: int | None) -> mdata.ImageData:
@@ -132,7 +154,8 @@ def limit_data(d: mdata.ImageData, limit_train: int | None, limit_test: int | No
     te = torch.randperm(len(d.y_test), generator=g)[: limit_test or len(d.y_test)]
     counts = torch.bincount(d.y_train[tr], minlength=len(d.classes)).clamp_min(1).tolist()
     return mdata.ImageData(x_train=d.x_train[tr], y_train=d.y_train[tr], x_test=d.x_test[te], y_test=d.y_test[te],
-                           classes=d.classes, class_counts=counts, mean=d.mean, std=d.std, name=d.name)
+                           classes=d.classes, class_counts=counts, mean=d.mean, std=d.std, name=d.name,
+                           recompress=d.recompress)
 
 
 @dataclass

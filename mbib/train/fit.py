@@ -55,7 +55,7 @@ def restore(engine: Engine, state: dict[str, Any] | None, where: str | None = No
         return Progress()
     where = where or "checkpoint"
     dataset = engine.cfg.data.dataset
-    check_compatible(state, engine.spec, dataset, where)
+    check_compatible(state, engine.spec, dataset, where, engine.cfg.data.recompress)
     load_weights(engine, state, state, f"a {engine.cfg.loss.method} run of {describe(engine.spec, dataset)}", where)
     start = int(state["epoch"]) + 1
     # checkpoints older than the legs record say nothing of where their epochs ran

@@ -50,7 +50,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     if data_root is not None:
         cfg.data.data_root = data_root
     engine = Engine(cfg, load_data(cfg), dev)
-    check_compatible(state, engine.spec, cfg.data.dataset, path)  # e.g. the data root now holds other classes
+    check_compatible(state, engine.spec, cfg.data.dataset, path, cfg.data.recompress)  # e.g. the data root now holds other classes
     load_weights(engine.task.network, state["model"], state, describe(engine.spec, cfg.data.dataset), path)
     result = engine.evaluate()
     return {"checkpoint": str(path), "dataset": cfg.data.dataset, "method": cfg.loss.method,
