@@ -16,6 +16,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes share the cores:
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads xdist_group marks into node ids: later is too late
 def pytest_collection_modifyitems(items):
     for item in items:
         if END_TO_END & set(getattr(item, "fixturenames", ())):
