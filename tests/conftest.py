@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 END_TO_END = {"ray_local", "exported"}  # a test using one of these is end to end: marked slow wherever it is
+SERVING = "exported"  # the tests of the exported model, Serve's among them: one worker, so one export and one HAProxy
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes share the cores: one thread each, no oversubscription
     import torch
 
@@ -19,10 +20,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes share the cores:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads xdist_group marks into node ids: later is too late
 def pytest_collection_modifyitems(items):
     for item in items:
-        if END_TO_END & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if END_TO_END & names:
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("slow"):  # one worker runs every end-to-end test in turn: one Ray at a time,
-            item.add_marker(pytest.mark.xdist_group("end-to-end"))  # while the other worker takes the unit tests
+        if SERVING in names or item.path.name == "test_serve.py":  # HAProxy's stats port is fixed: two Serves collide
+            item.add_marker(pytest.mark.xdist_group("serving"))  # the other end-to-end tests, mostly waiting, spread
 
 
 @pytest.fixture(scope="session")
