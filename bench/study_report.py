@@ -130,14 +130,14 @@ def main(argv=None) -> int:
            f"**Status: {'finished' if finished else 'in progress'}.** {len(rows)} trials started of the study's 8; "
            f"{sum(x.state == 'COMPLETE' for x in rows)} at the full {args.epochs} epochs, "
            f"{sum(verdict(x, states.get(x.trial_id, ''), args.epochs).startswith('stopped') for x in rows)} stopped by ASHA. "
-           f"CPU time so far: {cpu_hours(exp, args.cpus_per_trial):.1f} CPU-hours. {args.machine}",
+           f"CPU time{'' if finished else ' so far'}: {cpu_hours(exp, args.cpus_per_trial):.1f} CPU-hours. {args.machine}",
            "",
            "Numbers: the selection score is the accuracy on the selection half of the test set (50 images a class), "
            "which chose each trial's epoch and ranks the trials; the held-out accuracy, on the other half, is the "
            "number to report. The whole test set's accuracy is shown beside it, labelled: it includes the selection half.",
            "", *trial_table(rows, states, args.epochs), ""]
     if best is not None and paper is not None:
-        out += [f"**Best so far**: trial {best.number} (" + ", ".join(f"{k} {best.params[k]:.2f}" for k in SEARCH_SPACE)
+        out += [f"**{'Best' if finished else 'Best so far'}**: trial {best.number} (" + ", ".join(f"{k} {best.params[k]:.2f}" for k in SEARCH_SPACE)
                 + f"), selection {f1(best.score)} at epoch {best.epoch}, held-out {f1(best.metrics.get('heldout_acc'))}. "
                 f"**The paper's point** (trial 1: beta 5, a 0.1, b 0.3, m 0.1, gamma 0): selection {f1(paper.score)} at "
                 f"epoch {paper.epoch}, held-out {f1(paper.metrics.get('heldout_acc'))}, after {paper.epochs_done} epochs. "
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
             for rung, n, rho, what in agreement]
     fewest = min((n for _, n, _, _ in agreement), default=0)
     if fewest < 5:  # ASHA keeps about one in three per rung: eight trials leave two or three past the first
-        out += ["", f"With {fewest}-{max(n for _, n, _, _ in agreement)} trials per rung these coefficients cannot "
+        most = max(n for _, n, _, _ in agreement)
+        out += ["", f"With {fewest if fewest == most else f'{fewest}-{most}'} trials per rung these coefficients cannot "
                 "tell a good ranking from a poor one (with 3 trials a coefficient of 0.5 is one swapped pair). By "
                 "design an 8-trial ASHA study leaves few trials past its first rung, so the test needs trials that "
                 "ASHA stopped: training the two best stopped trials (6 and 7) to the full budget (about 6 CPU-hours "
