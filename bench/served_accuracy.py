@@ -53,8 +53,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # where the Serve app's builder reads models:/ from
-    state = torch.load(resolve_checkpoint(args.model, Path(os.environ.get("TMPDIR", "/tmp")) / "mbib-served",
-                                          args.tracking_uri), map_location="cpu", weights_only=False)
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "mbib-served"  # the downloaded checkpoint, the export
+    state = torch.load(resolve_checkpoint(args.model, scratch, args.tracking_uri), map_location="cpu", weights_only=False)
     data = state["config"]["data"]
     root = resolve_data_root(args.data_root)
     if root is None or not (root / "cifar100.zip").is_file():
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     if not args.model.startswith(MLFLOW_SCHEMES):  # a checkpoint file: the export `mbib export` makes
         from mbib.export import export_onnx
 
-        model_path = str(Path(os.environ.get("TMPDIR", "/tmp")) / "mbib-served" / "model.onnx")
+        model_path = str(scratch / "model.onnx")
         export_onnx(args.model, model_path, noise_if_no_data=True, record=False)
     ingress = prefer_haproxy()
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

@@ -17,12 +17,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mbib.study.results import TrialRow, best_row, collect_rows, finite, param_importances  # noqa: E402
+from mbib.study.results import TrialRow, best_row, collect_rows, finite, param_importances, unfinished  # noqa: E402
 from mbib.study.spec import SEARCH_SPACE  # noqa: E402
 
 STUDY = "cifar100-lt-mbib"
 KEY = "cifar100-lt-if100"
 CONTINUE = "bash bench/run_study.sh"  # the committed command that starts or continues the study
+NUM_TRIALS = 8  # its --num-samples
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -55,11 +56,9 @@ def rung_agreement(rows: list[TrialRow], rungs: list[int], max_epochs: int) -> l
 
 def tune_states(exp: Path) -> dict[str, str]:
     """trial id -> Tune's status in the newest experiment state (RUNNING there: in flight when the driver stopped)."""
-    states = sorted(exp.glob("experiment_state-*.json"))
-    if not states:
-        return {}
-    data = json.loads(states[-1].read_text())
-    return {t["trial_id"]: t.get("status", "") for t in (json.loads(j) for j, _ in data["trial_data"])}
+    from mbib.study.search import saved_trials
+
+    return {t["trial_id"]: t.get("status", "") for t in saved_trials(exp) or []}
 
 
 def verdict(row: TrialRow, status: str, max_epochs: int) -> str:
@@ -122,12 +121,12 @@ def main(argv=None) -> int:
     scored = [x for x in rows if args.grace_period in x.intermediate]
     importances, basis = (param_importances(rows) if len(scored) >= 4 else
                           ({}, f"not computed: {len(scored)} trials have reached the first rung, 4 are needed"))
-    finished = all(s in ("TERMINATED", "ERROR") for s in states.values()) and len(states) >= 1
+    finished = not unfinished(list(states.values()), NUM_TRIALS)
     heat = plot_ab_heatmap(rows, folder / "ab_heatmap.png", f"{KEY}: selection score over a, b")
     paper = next((x for x in rows if x.number == 1), None)
     out = ["# CIFAR-100-LT study (IF 100) through Ray Tune, Ray Train and MLflow, on the CPU",
            "",
-           f"**Status: {'finished' if finished else 'in progress'}.** {len(rows)} trials started of the study's 8; "
+           f"**Status: {'finished' if finished else 'in progress'}.** {len(rows)} trials started of the study's {NUM_TRIALS}; "
            f"{sum(x.state == 'COMPLETE' for x in rows)} at the full {args.epochs} epochs, "
            f"{sum(verdict(x, states.get(x.trial_id, ''), args.epochs).startswith('stopped') for x in rows)} stopped by ASHA. "
            f"CPU time{'' if finished else ' so far'}: {cpu_hours(exp, args.cpus_per_trial):.1f} CPU-hours. {args.machine}",

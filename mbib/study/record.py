@@ -76,13 +76,13 @@ class MLflowTrialLogger(tune.Callback):
 
     def __getstate__(self):  # Tune pickles callbacks into the experiment state; clients and caches stay behind
         state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _logged={}, _drawn=False)  # a restored driver redraws the plots
+        state.update(_client=None, _runs={}, _logged={})
         return state
 
     def __setstate__(self, state):  # restored by a driver elsewhere: its store's URI, not the first machine's path
         self.__dict__.update(state)
         self.uri = RESTORED_STORE.get(self.dataset_key, self.uri)
-        self._drawn = False  # also for a logger pickled before it drew plots at the start
+        self._drawn = False  # a restored driver redraws the plots, whatever the pickled logger had drawn
 
     @property
     def client(self):

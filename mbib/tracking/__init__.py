@@ -25,6 +25,9 @@ def tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
 
 
+ARTIFACTS_DIR = "mlartifacts"  # a SQLite store's artifacts live in this folder beside it (tracking.moved follows it)
+
+
 def store_client(uri: str):
     """An MlflowClient whose registry is the tracking store itself: mbib keeps a study's runs and its registered
     models in one store (what `models:/` URIs given with --tracking-uri resolve against), never in a registry an
@@ -66,7 +69,7 @@ def get_or_create_experiment(client, name: str, artifact_root: str | None = None
         return exp.experiment_id
     uri = client._tracking_client.tracking_uri  # the client's store, not the environment's: a server keeps its own
     if artifact_root is None and uri.startswith("sqlite:///"):
-        artifact_root = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name).as_uri()  # relative URIs too
+        artifact_root = (Path(uri[len("sqlite:///"):]).resolve().parent / ARTIFACTS_DIR / name).as_uri()  # relative URIs too
     return client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
 
 

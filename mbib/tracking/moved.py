@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-ARTIFACTS = "mlartifacts"  # get_or_create_experiment keeps a SQLite store's artifacts in this folder beside it
+from mbib.tracking import ARTIFACTS_DIR as ARTIFACTS  # where get_or_create_experiment keeps a SQLite store's artifacts
 # every column where MLflow 3 writes an artifact location of a run, an experiment, a logged or registered model
 PATH_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
                 ("model_versions", "source"), ("model_versions", "storage_location"))
