@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from mbib.data.datasets import resolve_data_root  # noqa: E402
 from mbib.data.imagefolder import index_imagefolder  # noqa: E402
 from mbib.data.split import selection_mask  # noqa: E402
-from mbib.ingress import prefer_haproxy  # noqa: E402
+from mbib.ingress import prepare_ingress  # noqa: E402
 from mbib.metrics import shot_accuracy  # noqa: E402
 from mbib.raylocal import free_port  # noqa: E402
 from mbib.tracking.registry import MLFLOW_SCHEMES, resolve_checkpoint  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
 
         model_path = str(scratch / "model.onnx")
         export_onnx(args.model, model_path, noise_if_no_data=True, record=False)
-    ingress = prefer_haproxy()
+    ingress = prepare_ingress()
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     port = free_port()
     try:

@@ -6,6 +6,11 @@ it serves 2.3x the proxy's requests per second with the same answers (bench/resu
 Serve controller reads the choice from RAY_SERVE_ENABLE_HA_PROXY once, in the environment of the process that
 starts Ray, so `prefer_haproxy` sets it before Ray starts and only when the user has not: RAY_SERVE_ENABLE_HA_PROXY=0
 is the way back. On a cluster started with `ray start` the head's environment decides (cluster.yaml sets it).
+
+`prepare_ingress` also gives the ingress time to start: Serve's controller kills a proxy that has not answered its
+readiness check in 5 s three times running, and on a loaded 2-core machine (training beside it) the HAProxy manager
+took 45 s to come up, so `serve.start` died with ActorDiedError. It waits up to 60 s instead, the time `serve.start`
+itself waits for the proxy (Ray's fixed HTTP_PROXY_TIMEOUT), unless the user set RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 import shutil
 
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+READY_CHECK = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+READY_CHECK_S = "60"  # serve.start's own wait for the proxy: the controller gives up no sooner than it does
 
 
 def haproxy_binary(environ=os.environ) -> str | None:
@@ -35,3 +42,10 @@ def prefer_haproxy(environ=os.environ) -> str:
     if environ.get(HA_PROXY) is None and haproxy_binary(environ):
         environ[HA_PROXY] = "1"
     return "haproxy" if environ.get(HA_PROXY) == "1" else "proxy"
+
+
+def prepare_ingress(environ=os.environ) -> str:
+    """Set the ingress a Ray started after this call will use (`prefer_haproxy`) and a readiness check that waits
+    out a loaded machine (the module doc), each only where the user chose nothing; returns the ingress."""
+    environ.setdefault(READY_CHECK, READY_CHECK_S)
+    return prefer_haproxy(environ)

@@ -6,7 +6,7 @@
 
 `serve.app:app` (the checkout's serve/ folder) is the same builder. `serve run` builds before it starts Ray, so the
 builder picks the ingress (`mbib.ingress`: HAProxy where installed; RAY_SERVE_ENABLE_HA_PROXY=0 for Ray's proxy).
-From Python, call `mbib.ingress.prefer_haproxy()` before `ray.init`, then
+From Python, call `mbib.ingress.prepare_ingress()` before `ray.init`, then
 `serve.run(mbib.serving.build_app(ServeSettings(model_path="model.onnx")))`.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mbib.errors import MBIBError
-from mbib.ingress import prefer_haproxy
+from mbib.ingress import prepare_ingress
 from mbib.serving import ServeSettings, build_app
 from mbib.tracking.registry import MLFLOW_SCHEMES
 
@@ -25,7 +25,7 @@ from mbib.tracking.registry import MLFLOW_SCHEMES
 def app(args: dict):
     """Application builder: defaults < MBIB_SERVE_CONFIG file < MBIB_SERVE_* env < `key=value` args."""
     config = args.get("config") or os.environ.get("MBIB_SERVE_CONFIG")
-    prefer_haproxy()  # the Ray `serve run` starts next reads it (no effect on a Ray already running)
+    prepare_ingress()  # the Ray `serve run` starts next reads it (no effect on a Ray already running)
     try:
         settings = ServeSettings.from_sources(config, args)
         if settings.model_path.startswith(MLFLOW_SCHEMES):

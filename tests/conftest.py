@@ -32,9 +32,9 @@ def ray_local(tmp_path_factory):
     import ray
 
     if not ray.is_initialized():
-        from mbib.ingress import prefer_haproxy
+        from mbib.ingress import prepare_ingress
 
-        prefer_haproxy()  # the Serve tests run under the product's default ingress (RAY_SERVE_ENABLE_HA_PROXY=0: Ray's proxy)
+        prepare_ingress()  # the Serve tests run under the product's default ingress (RAY_SERVE_ENABLE_HA_PROXY=0: Ray's proxy)
         # 4 logical CPUs on a 2-core machine: two Train workers plus the Tune/Serve actors around them fit
         # test modules define callbacks and actors that Ray's processes must import by module name
         path = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))

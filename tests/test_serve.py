@@ -83,6 +83,28 @@ def test_prefer_haproxy_sets_the_default_only_where_nothing_was_chosen(tmp_path,
     assert prefer_haproxy(environ) == expected and environ.get(HA_PROXY) == env_after
 
 
+def test_prepare_ingress_waits_for_a_slow_proxy_unless_the_user_chose(tmp_path):
+    from mbib.ingress import HA_PROXY, READY_CHECK, prepare_ingress
+
+    environ = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "none")}
+    assert prepare_ingress(environ) == "proxy" and environ[READY_CHECK] == "60"
+    chosen = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "none"), READY_CHECK: "7", HA_PROXY: "0"}
+    prepare_ingress(chosen)
+    assert chosen[READY_CHECK] == "7" and chosen[HA_PROXY] == "0"
+
+
+def test_rays_serve_controller_sees_the_patient_readiness_check(ray_local):
+    """conftest prepares the ingress before ray.init: a Ray process (where the controller runs) reads 60 s, not
+    Serve's 5 s that killed the starting proxy on a loaded machine."""
+    @ray_local.remote
+    def ready_check_s():
+        from ray.serve._private.constants import PROXY_READY_CHECK_TIMEOUT_S
+
+        return PROXY_READY_CHECK_TIMEOUT_S
+
+    assert ray_local.get(ready_check_s.remote()) == 60.0
+
+
 @pytest.mark.timeout(600)
 def test_the_way_back_to_rays_proxy_serves_the_same_guarantees(exported, tmp_path):
     """RAY_SERVE_ENABLE_HA_PROXY=0 `serve run CONFIG` from another folder: Ray's proxy answers, and refuses alike."""
