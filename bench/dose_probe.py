@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import math
 import os
@@ -23,19 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mbib.data.recompress import chroma_pass, jpeg_q50
+from mbib.data.recompress import jpeg_round, recompress_images
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "motorcycle_left", "motorcycle_right")  # lossless colour photos in skimage
 OUT = Path(__file__).resolve().parent / "results" / "dose_probe.json"
-
-
-def jpeg_q75(image: np.ndarray) -> np.ndarray:
-    """Pillow's JPEG defaults (quality 75, 4:2:0): the conversion the shared copy's README names."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=75)
-    buf.seek(0)
-    with Image.open(buf) as decoded:
-        return np.asarray(decoded.convert("RGB"), dtype=np.uint8)
+FIRST_QUALITY = 75  # Pillow's default, 4:2:0: the conversion the shared copy's README names
 
 
 def tiles(count: int, blur: float, seed: int = 0) -> np.ndarray:
@@ -75,10 +66,6 @@ def distance(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"rgb_db": round(psnr(rgb), 2), "y_db": round(psnr(y), 2), "cbcr_db": round(psnr(c), 2)}
 
 
-def dosed(images: np.ndarray, dose) -> np.ndarray:
-    return np.stack([dose(im) for im in images])
-
-
 def real_test_images(root: str | None, limit: int) -> np.ndarray | None:
     from mbib.data.imagefolder import index_imagefolder, read_imagefolder
 
@@ -99,16 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"tiles": args.tiles, "photos": list(PHOTOS)}
     for blur in args.blur:
         clean = tiles(args.tiles, blur)
-        first = dosed(clean, jpeg_q75)
+        first = np.stack([jpeg_round(image, FIRST_QUALITY) for image in clean])
+        second = recompress_images(first, "q50")
         result[f"stand-ins, blur {blur:g}"] = {
             "first: q75 of lossless": distance(clean, first),
-            "q50 dose of the q75 images": distance(first, dosed(first, jpeg_q50)),
-            "chroma dose of the q75 images": distance(first, dosed(first, chroma_pass)),
-            "q75 then q50, of lossless": distance(clean, dosed(first, jpeg_q50))}
+            "q50 dose of the q75 images": distance(first, second),
+            "chroma dose of the q75 images": distance(first, recompress_images(first, "chroma")),
+            "q75 then q50, of lossless": distance(clean, second)}
     real = real_test_images(os.environ.get("MBIB_DATA_ROOT"), args.tiles)
     if real is not None:  # the doses on the real images: the stand-ins whose doses match these are the fair ones
-        result["real CIFAR-100 test"] = {"q50 dose": distance(real, dosed(real, jpeg_q50)),
-                                         "chroma dose": distance(real, dosed(real, chroma_pass))}
+        result["real CIFAR-100 test"] = {"q50 dose": distance(real, recompress_images(real, "q50")),
+                                         "chroma dose": distance(real, recompress_images(real, "chroma"))}
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     for group, values in result.items():
         for name, value in values.items() if isinstance(values, dict) else ():

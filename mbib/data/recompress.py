@@ -32,7 +32,7 @@ from mbib.errors import ConfigError, DataError
 
 RECOMPRESS = ("none", "q50", "chroma")
 Q50_QUALITY = 50
-Q50_SUBSAMPLING = 2  # Pillow's code for 4:2:0
+SUBSAMPLING_420 = 2  # Pillow's code for 4:2:0
 
 
 def check_recompress(value: str) -> str:
@@ -68,11 +68,16 @@ def recompress_images(images: np.ndarray, value: str) -> np.ndarray:
 
 def jpeg_q50(image: np.ndarray) -> np.ndarray:
     """One HWC uint8 image through a Pillow JPEG round at quality 50, 4:2:0, decoded back."""
+    return jpeg_round(image, Q50_QUALITY)
+
+
+def jpeg_round(image: np.ndarray, quality: int) -> np.ndarray:
+    """One HWC uint8 image (C = 1 or 3) encoded by Pillow as JPEG at `quality`, 4:2:0, and decoded back."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-        buf, format="JPEG", quality=Q50_QUALITY, subsampling=Q50_SUBSAMPLING)
+        buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING_420)
     buf.seek(0)
     with Image.open(buf) as decoded:
         return np.asarray(decoded.convert("L" if image.shape[-1] == 1 else "RGB"), dtype=np.uint8)

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from mbib.tracking import ARTIFACTS_DIR as ARTIFACTS  # where get_or_create_experiment keeps a SQLite store's artifacts
+from mbib.tracking import ARTIFACTS_DIR  # where get_or_create_experiment keeps a SQLite store's artifacts
 # every column where MLflow 3 writes an artifact location of a run, an experiment, a logged or registered model
 PATH_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
                 ("model_versions", "source"), ("model_versions", "storage_location"))
@@ -26,7 +26,7 @@ def follow_moved_store(uri: str) -> int:
     if not uri.startswith("sqlite:///"):
         return 0
     db = Path(uri[len("sqlite:///"):])
-    here = db.parent.resolve() / ARTIFACTS
+    here = db.parent.resolve() / ARTIFACTS_DIR
     if not db.is_file():
         return 0
     changed = 0
@@ -38,7 +38,7 @@ def follow_moved_store(uri: str) -> int:
         for (loc,) in con.execute("select artifact_location from experiments where artifact_location like 'file://%'"):
             path = _local(loc)
             moved = not path.parent.exists() or (here / path.name).is_dir()
-            if path.parent.name == ARTIFACTS and path.parent != here and moved:
+            if path.parent.name == ARTIFACTS_DIR and path.parent != here and moved:
                 old_roots.add(path.parent.as_uri())
         for old in sorted(old_roots):
             for table, column in PATH_COLUMNS:
