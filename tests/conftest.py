@@ -11,8 +11,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 END_TO_END = {"ray_local", "exported"}  # a test using one of these is end to end: marked slow wherever it is
 SERVING = "exported"  # the tests of the exported model, Serve's among them: one worker, so one export and one HAProxy
-# a costly module fixture runs once per xdist worker that needs it: its tests share one worker, so it runs once
-SHARED = {"smoke": "smoke-study", "tracked": "tracked-run"}
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes share the cores: one thread each, no oversubscription
     import torch
 
@@ -27,8 +25,6 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
         if SERVING in names or item.path.name == "test_serve.py":  # HAProxy's stats port is fixed: two Serves collide
             item.add_marker(pytest.mark.xdist_group("serving"))  # the other end-to-end tests, mostly waiting, spread
-        for group in (SHARED[name] for name in sorted(names & SHARED.keys())):
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
-"""The suite's own layout holds: under xdist every test of the exported model (Serve's among them) runs in one worker,
-and so do the tests of each costly module fixture (the smoke study, the tracked run), which each worker would rerun.
+"""The suite's own layout holds: under xdist every test of the exported model (Serve's among them) runs in one worker.
 
 Two Serve apps at once collide on HAProxy's fixed stats port, and a second worker would export the model again; the
 conftest's marks only group tests if they land before xdist turns them into node ids.
@@ -24,21 +23,13 @@ def exported():  # stands in for the real one: only its name decides the group
 def test_end_to_end(exported, i):
     print("E2E", exported)
 
-@pytest.fixture(scope="module")
-def smoke():  # stands in for the smoke study: a module fixture every worker that needs it would run again
-    return os.environ["PYTEST_XDIST_WORKER"]
-
-@pytest.mark.parametrize("i", range(6))
-def test_of_the_study(smoke, i):
-    print("STUDY", smoke)
-
 @pytest.mark.parametrize("i", range(6))
 def test_unit(i):
     pass
 '''
 
 
-def test_the_tests_of_the_exported_model_and_of_each_shared_fixture_share_one_xdist_worker(tmp_path):
+def test_the_exported_models_tests_share_one_xdist_worker(tmp_path):
     shutil.copy(HERE / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_dummy.py").write_text(DUMMY)
     out = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider",
@@ -47,6 +38,3 @@ def test_the_tests_of_the_exported_model_and_of_each_shared_fixture_share_one_xd
     e2e = [line for line in out.stdout.splitlines() if "PASSED" in line and "test_end_to_end" in line]
     assert len(e2e) == 6 and all(line.rstrip().endswith("@serving") for line in e2e), e2e
     assert len({line.split()[0] for line in e2e}) == 1, e2e  # "[gw0]" or "[gw1]": one worker for all of them
-    study = [line for line in out.stdout.splitlines() if "PASSED" in line and "test_of_the_study" in line]
-    assert len(study) == 6 and all(line.rstrip().endswith("@smoke-study") for line in study), study
-    assert len({line.split()[0] for line in study}) == 1, study  # one worker, so one smoke study
